@@ -1,0 +1,48 @@
+"""Every key that :mod:`spade_sc` reads from or writes to AnnData, in one place."""
+
+from __future__ import annotations
+
+# inputs
+IMAGE_REP = "X_image"  # .obsm, patch features from pp.extract_features
+SPATIAL = "spatial"  # .obsm, spot centres in full-resolution image pixels
+
+# pp.select_genes
+GENE_MASK = "spade_gene"  # .var, bool
+HVG_RANK = "spade_hvg_batches"  # .var, number of batches in which the gene is a top HVG
+
+# fit / embed (prefixed by key_added, default "spade")
+DEFAULT_PREFIX = "spade"
+
+
+def prototype_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """``.obs`` column of stage-1 prototypes."""
+    return f"{prefix}_prototype"
+
+
+def expert_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """``.obs`` column of stage-2 experts."""
+    return f"{prefix}_expert"
+
+
+def embedding_key(prefix: str = DEFAULT_PREFIX, modality: str = "image") -> str:
+    """``.obsm`` key of the joint-space embedding."""
+    return f"X_{prefix}" if modality == "image" else f"X_{prefix}_{modality}"
+
+
+def weights_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """``.obsm`` key of the routing weights."""
+    return f"{prefix}_expert_weights"
+
+
+def uns_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """``.uns`` key holding ``params`` of fit/embed."""
+    return prefix
+
+
+# pp.extract_features records the encoder here
+FEATURES_UNS = "spade_features"
+
+# datasets.toy ground truth
+DOMAIN = "domain"
+SLIDE = "slide"
+LIBRARY_ID = "library_id"

@@ -1,0 +1,441 @@
+"""The SPADE model object: hyper-parameters in, ``fit``, ``get_embedding``, ``save``/``load``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .. import _keys
+from .._logging import logger
+from .._utils import get_table, resolve_device
+from .._validate import check_anndata, check_choice, check_fraction, check_positive, get_counts, get_obs_column, get_rep
+
+__all__ = ["SpadeModel"]
+
+FORMAT_VERSION = 1
+_CONFIG = "config.json"
+_WEIGHTS = "model.safetensors"
+
+
+def _hyper_defaults() -> dict:
+    return {
+        "n_prototypes": 16,
+        "n_experts": 16,
+        "proj_dim": 256,
+        "dropout": 0.1,
+        "temperature": 1.0,
+        "max_epochs": 100,
+        "batch_size": 128,
+        "lr": 1e-4,
+        "weight_decay": 1e-2,
+        "val_fraction": 0.1,
+        "patience": None,
+        "normalize": True,
+        "target_sum": 1e4,
+        "min_expert_spots": 2,
+        "clustering_backend": "sklearn",
+        "precision": "32",
+        "random_state": 0,
+    }
+
+
+class SpadeModel:
+    """A mixture of data experts aligning H&E features with spot expression (SPADE).
+
+    Parameters
+    ----------
+    n_prototypes
+        Stage-1 k-means clusters per group (SPADE: 16 per organ).
+    n_experts
+        Stage-2 clusters of the stage-1 centroids; one pair of projection heads each (SPADE: 16).
+    proj_dim
+        Size of the joint space (SPADE: 256).
+    dropout
+        Dropout in the heads (SPADE: 0.1).
+    temperature
+        ``T`` of the contrastive loss (SPADE: 1).
+    max_epochs, batch_size, lr, weight_decay
+        AdamW with a cosine schedule over each expert's steps (SPADE: 100, 128, 1e-4, 1e-2).
+    val_fraction
+        Fraction of slides (with ``batch_key``) or spots held out to pick each expert's best epoch.
+    patience
+        Stop an expert after this many epochs without validation improvement (``None``: never).
+    normalize
+        If True, expression is treated as raw counts and turned into ``log1p(CP10k)`` per spot
+        (``target_sum`` per spot, totals over all genes); if False it is used as it is (the authors' code
+        trains on raw counts).
+    target_sum
+        Counts per spot after normalisation.
+    min_expert_spots
+        An expert with fewer training spots than this is an error (lower ``n_experts``).
+    clustering_backend
+        ``"sklearn"`` or ``"faiss"`` (optional dependency) for stage-1 k-means.
+    precision
+        ``"32"``, or ``"bf16"`` autocast (CUDA only; ignored on CPU where it is slower).
+    random_state
+        Seed of clustering, splits, initialisation, shuffling and dropout (no global seeding).
+    device
+        Torch device; ``None`` picks CUDA when available, else CPU.
+
+    Attributes
+    ----------
+    centroids_
+        ``[K, D]`` stage-1 centroids.
+    centroid_to_expert_
+        ``[K]`` expert of each centroid.
+    centroid_group_
+        ``[K]`` group (``group_key`` value) of each centroid.
+    distance_scale_
+        Distance unit of the routing (see :func:`spade_sc.tl.embed`).
+    genes_
+        The gene panel, in the order the expression heads expect.
+    feature_dim_
+        Image feature size.
+    history_
+        Loss per epoch and expert (DataFrame with ``epoch, expert, train_loss, val_loss``).
+    """
+
+    def __init__(self, *, device: str | None = None, **hyperparameters):
+        params = _hyper_defaults()
+        unknown = set(hyperparameters) - set(params)
+        if unknown:
+            raise TypeError(f"unknown hyper-parameter(s) {sorted(unknown)}; known: {sorted(params)}.")
+        params.update(hyperparameters)
+        _check_hyper(params)
+        self.params = params
+        self.device = device
+        self.pairs_ = None
+        self.centroids_ = None
+        self.centroid_to_expert_ = None
+        self.centroid_group_ = None
+        self.distance_scale_ = 1.0
+        self.genes_ = None
+        self.feature_dim_ = None
+        self.history_ = None
+        self.train_labels_ = None
+
+    # ------------------------------------------------------------------ convenience
+    def __getattr__(self, name):
+        params = self.__dict__.get("params")
+        if params is not None and name in params:
+            return params[name]
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.pairs_ is not None
+
+    @property
+    def n_experts_(self) -> int:
+        return int(self.centroid_to_expert_.max()) + 1 if self.centroid_to_expert_ is not None else 0
+
+    def __repr__(self) -> str:
+        if not self.is_fitted:
+            return f"SpadeModel(unfitted, n_prototypes={self.n_prototypes}, n_experts={self.n_experts})"
+        return (
+            f"SpadeModel({len(self.centroids_)} prototypes → {self.n_experts_} experts, "
+            f"{self.feature_dim_}-d image features, {len(self.genes_)} genes, {self.proj_dim}-d joint space)"
+        )
+
+    def _require_fitted(self):
+        if not self.is_fitted:
+            raise RuntimeError("this SpadeModel is not fitted; call `ss.tl.fit_spade` or `model.fit` first.")
+
+    # ------------------------------------------------------------------ fit
+    def fit(
+        self,
+        adata: AnnData,
+        *,
+        use_rep: str = _keys.IMAGE_REP,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        group_key: str | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        table_key: str | None = None,
+    ) -> SpadeModel:
+        """Cluster the image features and train the experts. Writes nothing into ``adata``.
+
+        See :func:`spade_sc.tl.fit_spade` for the parameters. The spots' prototype and expert labels are
+        kept in ``train_labels_`` (a DataFrame indexed like ``adata.obs``).
+        """
+        import torch
+
+        from ._clustering import assign_nearest, two_stage_kmeans
+        from ._data import ExpressionSource
+        from ._heads import ExpertPairs
+        from ._trainer import TrainConfig, train_experts
+
+        adata = check_anndata(get_table(adata, table_key))
+        p = self.params
+        feats = get_rep(adata, use_rep)
+        counts = get_counts(adata, layer, require_counts=p["normalize"])
+        batches = get_obs_column(adata, batch_key, what="batch_key") if batch_key is not None else None
+        groups = get_obs_column(adata, group_key, what="group_key") if group_key is not None else None
+        if _keys.GENE_MASK in adata.var.columns:
+            gene_mask = adata.var[_keys.GENE_MASK].to_numpy().astype(bool)
+            if not gene_mask.any():
+                raise ValueError(
+                    f"`adata.var[{_keys.GENE_MASK!r}]` selects no gene; rerun `ss.pp.select_genes` or drop the column."
+                )
+        else:
+            gene_mask = np.ones(adata.n_vars, dtype=bool)
+        gene_idx = np.flatnonzero(gene_mask)
+
+        train, val = _split(adata.n_obs, batches, p["val_fraction"], p["random_state"])
+        if len(train) < p["n_prototypes"] and groups is None:
+            raise ValueError(
+                f"only {len(train)} training spots for `n_prototypes={p['n_prototypes']}`; lower `n_prototypes` "
+                f"(≤ {len(train)}) or fit on more spots."
+            )
+        logger.info("stage 1/2 clustering of %d training spots", len(train))
+        clus = two_stage_kmeans(
+            feats[train],
+            None if groups is None else groups[train],
+            n_prototypes=p["n_prototypes"],
+            n_experts=p["n_experts"],
+            random_state=p["random_state"],
+            backend=p["clustering_backend"],
+        )
+        labels = _assign(feats, groups, clus, train)
+        _, nearest = assign_nearest(feats[train], clus.centroids)
+        scale = float(np.median(nearest))
+        self.distance_scale_ = scale if scale > 0 else 1.0
+        expert_of_spot = clus.centroid_to_expert[labels]
+        n_exp = p["n_experts"]
+        train_spots = [train[expert_of_spot[train] == e] for e in range(n_exp)]
+        val_spots = [val[expert_of_spot[val] == e] for e in range(n_exp)]
+        sizes = np.array([len(s) for s in train_spots])
+        if (sizes < p["min_expert_spots"]).any():
+            small = {int(e): int(sizes[e]) for e in np.flatnonzero(sizes < p["min_expert_spots"])}
+            raise ValueError(
+                f"expert(s) {small} (expert: training spots) have fewer than {p['min_expert_spots']} training "
+                f"spots, too few to train contrastively; lower `n_experts` (now {n_exp}) or `n_prototypes`, "
+                "or fit on more spots."
+            )
+
+        device = resolve_device(self.device)
+        gen = torch.Generator().manual_seed(int(p["random_state"]) if p["random_state"] is not None else 0)
+        pairs = ExpertPairs(n_exp, feats.shape[1], len(gene_idx), p["proj_dim"], p["dropout"], gen)
+        expr = ExpressionSource(counts, gene_idx, normalize=p["normalize"], target_sum=p["target_sum"])
+        config = TrainConfig(
+            max_epochs=p["max_epochs"],
+            batch_size=p["batch_size"],
+            lr=p["lr"],
+            weight_decay=p["weight_decay"],
+            temperature=p["temperature"],
+            patience=p["patience"],
+            random_state=int(p["random_state"] or 0),
+            precision=p["precision"],
+        )
+        fingerprint = _fingerprint(p, feats, adata, gene_idx, train)
+        logger.info("training %d experts on %s", n_exp, device)
+        self.history_ = train_experts(
+            pairs, feats, expr, train_spots, val_spots, config, device,
+            checkpoint_dir=checkpoint_dir, fingerprint=fingerprint,
+        )
+        self.pairs_ = pairs.cpu().eval()
+        self.centroids_ = clus.centroids
+        self.centroid_to_expert_ = clus.centroid_to_expert
+        self.centroid_group_ = clus.centroid_group.astype(str)
+        self.genes_ = adata.var_names[gene_idx].to_numpy().astype(str)
+        self.feature_dim_ = int(feats.shape[1])
+        split = np.full(adata.n_obs, "train", dtype=object)
+        split[val] = "val"
+        self.train_labels_ = pd.DataFrame(
+            {"prototype": labels, "expert": expert_of_spot, "split": split}, index=adata.obs_names.copy()
+        )
+        return self
+
+    # ------------------------------------------------------------------ inference
+    def route(self, features: np.ndarray, *, tau: float = 0.1) -> np.ndarray:
+        """Routing weights ``[n, n_experts]`` (rows sum to 1) of image features ``[n, D]``."""
+        import torch
+
+        from ._routing import routing_weights
+
+        self._require_fitted()
+        check_positive("tau", tau)
+        features = self._check_features(features)
+        out = []
+        c = torch.from_numpy(self.centroids_)
+        c2e = torch.from_numpy(self.centroid_to_expert_)
+        for s in range(0, len(features), 16384):
+            x = torch.from_numpy(np.asarray(features[s : s + 16384], dtype=np.float32))
+            out.append(routing_weights(x, c, c2e, self.n_experts_, tau, self.distance_scale_).numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.n_experts_), np.float32)
+
+    def _check_features(self, features) -> np.ndarray:
+        features = np.asarray(features)
+        if features.ndim != 2 or features.shape[1] != self.feature_dim_:
+            raise ValueError(
+                f"image features have shape {features.shape} but this model was fitted on {self.feature_dim_}-d "
+                "features; extract features with the same encoder as at fit time."
+            )
+        if not np.isfinite(features).all():
+            raise ValueError("image features contain NaN or infinite values; drop those spots first.")
+        return features
+
+    def _heads_embed(self, which: str, x: np.ndarray, weights: np.ndarray, *, batch_size: int = 8192) -> np.ndarray:
+        """Σ_e w_e · head_e(x) evaluating each expert only on spots with non-zero weight."""
+        import torch
+
+        heads = getattr(self.pairs_, which)
+        out = np.zeros((len(x), self.proj_dim), dtype=np.float32)
+        with torch.no_grad():
+            for e in range(self.n_experts_):
+                rows = np.flatnonzero(weights[:, e] > 0)
+                for s in range(0, len(rows), batch_size):
+                    r = rows[s : s + batch_size]
+                    xe = torch.from_numpy(np.asarray(x[r], dtype=np.float32))
+                    emb = heads.forward_expert(xe, e).numpy()
+                    out[r] += weights[r, e, None].astype(np.float32) * emb
+        return out
+
+    def get_embedding(
+        self,
+        adata: AnnData,
+        *,
+        use_rep: str = _keys.IMAGE_REP,
+        tau: float = 0.1,
+        modality: str = "image",
+        layer: str | None = None,
+        routing_eps: float = 0.0,
+        table_key: str | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Embed spots; returns ``(embedding [n, proj_dim] float32, routing weights [n, n_experts])``.
+
+        Writes nothing. See :func:`spade_sc.tl.embed` for the parameters.
+        """
+        from ._routing import sparsify_weights
+
+        self._require_fitted()
+        check_choice("modality", modality, ("image", "expression"))
+        check_positive("routing_eps", routing_eps, allow_zero=True)
+        adata = check_anndata(get_table(adata, table_key))
+        feats = get_rep(adata, use_rep)
+        weights = self.route(feats, tau=tau)
+        if routing_eps > 0:
+            import torch
+
+            weights = sparsify_weights(torch.from_numpy(weights), routing_eps).numpy()
+        if modality == "image":
+            return self._heads_embed("image", feats, weights), weights
+        return self._heads_embed("expression", self._expression_input(adata, layer), weights), weights
+
+    def _expression_input(self, adata: AnnData, layer: str | None) -> np.ndarray:
+        import torch
+
+        from ._data import ExpressionSource
+
+        counts = get_counts(adata, layer, require_counts=self.normalize)
+        pos = pd.Index(adata.var_names).get_indexer(self.genes_)
+        if (pos < 0).any():
+            missing = self.genes_[pos < 0]
+            raise ValueError(
+                f"{len(missing)} of the model's {len(self.genes_)} genes are not in `adata.var_names` "
+                f"(e.g. {', '.join(missing[:5])}); expression embedding needs the model's gene panel "
+                "(`model.genes_`)."
+            )
+        src = ExpressionSource(counts, pos, normalize=self.normalize, target_sum=self.target_sum)
+        idx = np.arange(len(src))
+        return src.transform(torch.from_numpy(src.rows(idx)), idx).numpy()
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into directory ``path`` (no pickle)."""
+        from ._serialization import save_model
+
+        self._require_fitted()
+        save_model(self, Path(path), overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | None = None) -> SpadeModel:
+        """Load a model written by :meth:`save`."""
+        from ._serialization import load_model
+
+        return load_model(cls, Path(path), device=device)
+
+    @classmethod
+    def from_spade_checkpoints(cls, *args, **kwargs) -> SpadeModel:
+        """Import the authors' released checkpoints; see :func:`spade_sc.model.from_spade_checkpoints`."""
+        from ._interop import from_spade_checkpoints
+
+        return from_spade_checkpoints(cls, *args, **kwargs)
+
+
+def _check_hyper(p: dict) -> None:
+    for name in ("n_prototypes", "n_experts", "proj_dim", "max_epochs", "batch_size", "min_expert_spots"):
+        check_positive(name, p[name], integer=True)
+    for name in ("temperature", "lr", "target_sum"):
+        check_positive(name, p[name])
+    check_positive("weight_decay", p["weight_decay"], allow_zero=True)
+    check_fraction("dropout", p["dropout"])
+    check_fraction("val_fraction", p["val_fraction"])
+    if p["patience"] is not None:
+        check_positive("patience", p["patience"], integer=True)
+    check_choice("clustering_backend", p["clustering_backend"], ("sklearn", "faiss"))
+    check_choice("precision", p["precision"], ("32", "bf16"))
+    if p["n_experts"] > p["n_prototypes"] and True:
+        pass  # more experts than total prototypes is checked at fit time (prototypes are per group)
+    if not isinstance(p["normalize"], bool):
+        raise TypeError(f"`normalize` must be True or False, got {p['normalize']!r}.")
+
+
+def _split(n: int, batches: np.ndarray | None, val_fraction: float, random_state) -> tuple[np.ndarray, np.ndarray]:
+    """Train/validation spot indices: whole slides when ``batches`` is given (≥ 2 slides), else spots."""
+    rng = np.random.default_rng(random_state)
+    if val_fraction == 0:
+        return np.arange(n), np.zeros(0, dtype=np.int64)
+    if batches is not None:
+        names = np.unique(batches)
+        if len(names) >= 2:
+            n_val = min(len(names) - 1, max(1, int(round(val_fraction * len(names)))))
+            val_names = rng.choice(names, n_val, replace=False)
+            is_val = np.isin(batches, val_names)
+            return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+        warnings.warn(
+            "only one batch in `batch_key`; validation spots are drawn at random instead of by slide.",
+            UserWarning,
+            stacklevel=3,
+        )
+    perm = rng.permutation(n)
+    n_val = int(round(val_fraction * n))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _assign(feats, groups, clus, train) -> np.ndarray:
+    """Prototype of every spot: its k-means label for training spots, else the nearest centroid of its group."""
+    from ._clustering import assign_nearest
+
+    labels = np.empty(len(feats), dtype=np.int64)
+    labels[train] = clus.labels
+    other = np.setdiff1d(np.arange(len(feats)), train)
+    if len(other) == 0:
+        return labels
+    if groups is None:
+        labels[other] = assign_nearest(feats[other], clus.centroids)[0]
+        return labels
+    for g in np.unique(groups[other]):
+        rows = other[groups[other] == g]
+        cand = np.flatnonzero(clus.centroid_group == g)
+        if len(cand) == 0:  # a group seen only in validation: nearest centroid of any group
+            cand = np.arange(len(clus.centroids))
+        labels[rows] = cand[assign_nearest(feats[rows], clus.centroids[cand])[0]]
+    return labels
+
+
+def _fingerprint(params: dict, feats: np.ndarray, adata: AnnData, gene_idx: np.ndarray, train: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(params, sort_keys=True, default=str).encode())
+    h.update(str(feats.shape).encode())
+    h.update(np.ascontiguousarray(feats[:: max(1, len(feats) // 997)], dtype=np.float32).tobytes())
+    h.update(",".join(adata.var_names[gene_idx][:2000]).encode())
+    h.update(train.tobytes())
+    return h.hexdigest()

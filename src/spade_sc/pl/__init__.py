@@ -1,0 +1,5 @@
+"""Plots."""
+
+from ._experts import experts
+
+__all__ = ["experts"]
