@@ -34,6 +34,11 @@ def weights_key(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}_expert_weights"
 
 
+def predicted_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """``.obsm`` key of predicted expression and ``.uns`` key of its gene names (``tl.predict_expression``)."""
+    return f"{prefix}_predicted"
+
+
 def uns_key(prefix: str = DEFAULT_PREFIX) -> str:
     """``.uns`` key holding ``params`` of fit/embed."""
     return prefix
