@@ -46,6 +46,17 @@ def uns_key(prefix: str = DEFAULT_PREFIX) -> str:
 
 # pp.extract_features records the encoder here
 FEATURES_UNS = "spade_features"
+# pp.extract_features / extract_patches: fraction of each spot's patch that lies inside the image
+PATCH_COVERAGE = "spade_patch_coverage"
+
+# scanpy/squidpy spatial layout: .uns['spatial'][library_id]['scalefactors'|'metadata'|'images']
+MICRONS_PER_PIXEL = "microns_per_pixel"  # scalefactors: µm per full-resolution pixel
+SOURCE_IMAGE_PATH = "source_image_path"  # metadata: path of the full-resolution image (squidpy's key)
+SPOT_DIAMETER = "spot_diameter_fullres"  # scalefactors: spot diameter in full-resolution pixels
+
+# io readers (SpatialData tables)
+REGION_KEY = "region"
+INSTANCE_KEY = "spot_id"
 
 # datasets.toy ground truth
 DOMAIN = "domain"
