@@ -99,6 +99,7 @@ def toy(
     n_genes: int = 300,
     n_features: int = 64,
     spot_pitch_px: int = 32,
+    feature_gain: float = 1.0,
 ) -> AnnData:
     """Synthetic multi-slide spatial transcriptomics with H&E images and known tissue domains.
 
@@ -115,6 +116,9 @@ def toy(
         cellularity, the rest background).
     n_features
         Size of the image features in ``.obsm['X_image']``.
+    feature_gain
+        Gain of the ``tanh`` expansion of the patch statistics: larger values make the image features a
+        more strongly non-linear (saturating) function of the tissue, as deep-encoder features are.
     spot_pitch_px
         Centre-to-centre spot distance in image pixels (the image is ``grid × pitch`` pixels square,
         at 1 µm/px: the pitch stands for a 32 µm array).
@@ -210,7 +214,7 @@ def toy(
         }
     stats = np.concatenate(stat_rows)
     z = (stats - stats.mean(0)) / (stats.std(0) + 1e-6)
-    feats = np.tanh(z @ w + b) + rng.normal(0, 0.05, (len(z), n_features))
+    feats = np.tanh(feature_gain * (z @ w) + b) + rng.normal(0, 0.05, (len(z), n_features))
     obs = pd.concat(obs)
     obs[_keys.LIBRARY_ID] = obs[_keys.SLIDE]
     for c in (_keys.SLIDE, _keys.LIBRARY_ID):

@@ -22,7 +22,8 @@ from ._optim import StackedAdamW, cosine_lr
 __all__ = ["TrainConfig", "train_experts"]
 
 _CKPT_STATE = "trainer_state.safetensors"
-_CKPT_META = "trainer_state.json"
+_CKPT_META = "trainer_state.json"  # readable copy of the state; never read back
+_CKPT_KEY = "spade_sc_trainer_state"  # safetensors metadata entry holding the training state
 
 
 @dataclass
@@ -35,6 +36,11 @@ class TrainConfig:
     patience: int | None = None
     random_state: int = 0
     precision: str = "32"  # "32" or "bf16" (CUDA only)
+
+
+def _fmt_mean(x: np.ndarray) -> str:
+    x = x[np.isfinite(x)]
+    return f"{x.mean():.3f}" if len(x) else "n/a"
 
 
 def _seed(random_state: int, epoch: int, salt: int) -> int:
@@ -89,32 +95,63 @@ def evaluate_experts(
         return total / np.where(count > 0, count, np.nan)
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file (or directory entry) to disk; a no-op where the platform does not allow it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. directories on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic_save(tensors: dict, meta: dict, directory: Path) -> None:
+    """Write the checkpoint atomically: temp file, fsync, ``os.replace``.
+
+    The checkpoint is the one safetensors file; the training state (epoch, best losses, history) lives in its
+    metadata, so weights and state can never come from different epochs. ``trainer_state.json`` is a
+    readable copy written afterwards and never read back. A kill at any moment leaves the previous or the new
+    checkpoint, never a mix.
+    """
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(meta)
     tmp = directory / (_CKPT_STATE + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    tmp_meta = directory / (_CKPT_META + ".tmp")
-    tmp_meta.write_text(json.dumps(meta))
-    # state first, then the metadata that points at it: a kill between the two leaves the older pair readable
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={_CKPT_KEY: text})
+    _fsync(tmp)
     os.replace(tmp, directory / _CKPT_STATE)
+    _fsync(directory)
+    tmp_meta = directory / (_CKPT_META + ".tmp")
+    tmp_meta.write_text(text)
     os.replace(tmp_meta, directory / _CKPT_META)
 
 
 def _load_checkpoint(directory: Path, fingerprint: str):
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    meta_path, state_path = directory / _CKPT_META, directory / _CKPT_STATE
-    if not (meta_path.exists() and state_path.exists()):
+    state_path = directory / _CKPT_STATE
+    if not state_path.exists():
         return None
-    meta = json.loads(meta_path.read_text())
+    try:
+        with safe_open(str(state_path), framework="pt") as f:
+            meta = json.loads(f.metadata()[_CKPT_KEY])
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as e:  # safetensors raises its own error types; any failure means an unreadable file
+        raise ValueError(
+            f"`checkpoint_dir={str(directory)!r}` holds a corrupt checkpoint ({type(e).__name__}: {e}); "
+            f"delete {str(state_path)!r} (or the directory) to start the fit over."
+        ) from e
     if meta.get("fingerprint") != fingerprint:
         raise ValueError(
             f"`checkpoint_dir={str(directory)!r}` holds a checkpoint of a different fit (other data or settings); "
             "use an empty directory, or delete it to start over."
         )
-    return meta, load_file(str(state_path))
+    return meta, state
 
 
 def train_experts(
@@ -154,6 +191,10 @@ def train_experts(
     start_epoch = 0
 
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None and ckpt.exists() and not ckpt.is_dir():
+        raise NotADirectoryError(
+            f"`checkpoint_dir={str(ckpt)!r}` is a file, not a directory; pass a directory (it is created if missing)."
+        )
     if ckpt is not None:
         loaded = _load_checkpoint(ckpt, fingerprint)
         if loaded is not None:
@@ -219,7 +260,7 @@ def train_experts(
             rows.append(
                 {"epoch": epoch, "expert": e, "train_loss": float(train_loss[e]), "val_loss": float(val_loss[e])}
             )
-        bar.set_postfix(train=f"{np.nanmean(train_loss):.3f}", val=f"{np.nanmean(val_loss):.3f}")
+        bar.set_postfix(train=_fmt_mean(train_loss), val=_fmt_mean(val_loss))
         if ckpt is not None:
             tensors = {f"model.{k}": v for k, v in pairs.state_dict().items()}
             tensors.update({f"best.{k}": v for k, v in best_state.items()})
