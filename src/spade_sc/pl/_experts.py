@@ -1,27 +1,24 @@
-"""``pl.experts``: spots coloured by expert over the H&E image."""
+"""``pl.experts``: spots coloured by expert, by one expert's routing weight, or by routing entropy, on the H&E."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
 from .. import _keys
-from .._utils import get_table
-from .._validate import check_anndata
+from .._validate import check_choice
+from ._spatial import draw_spots, draw_tissue, expert_colors, get_slide, new_axes
 
-__all__ = ["experts"]
+__all__ = ["experts", "routing_entropy"]
 
 
-def _hires_image(adata, library_id):
-    spatial = adata.uns.get("spatial", {})
-    if library_id not in spatial:
-        return None, 1.0
-    lib = spatial[library_id]
-    images = lib.get("images", {})
-    sf = lib.get("scalefactors", {})
-    for res in ("hires", "lowres"):
-        if res in images:
-            return np.asarray(images[res]), float(sf.get(f"tissue_{res}_scalef", 1.0))
-    return None, 1.0
+def routing_entropy(weights: np.ndarray) -> np.ndarray:
+    """Shannon entropy (nats) of each row of routing weights: 0 = one expert, ``log K`` = all equal."""
+    w = np.asarray(weights, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(w > 0, w * np.log(w), 0.0)
+    return -terms.sum(axis=1)
 
 
 def experts(
@@ -32,123 +29,141 @@ def experts(
     library_id: str | None = None,
     library_key: str = _keys.LIBRARY_ID,
     key: str = _keys.DEFAULT_PREFIX,
+    spatial_key: str = _keys.SPATIAL,
     spot_size: float | None = None,
+    img_res_key: str | None = None,
+    show_image: bool = True,
     alpha: float = 0.8,
     cmap: str = "viridis",
-    palette: str = "tab20",
+    palette: Sequence[str] | None = None,
+    legend: bool = True,
+    title: str | None = None,
     table_key: str | None = None,
+    image_key: str | None = None,
+    coordinate_system: str = "global",
     ax=None,
 ):
-    """Draw spots coloured by expert (or one expert's weight, or routing entropy) over the H&E image.
+    """Draw the spots of one slide over its H&E image, coloured by what SPADE learned.
+
+    Three views of the routing: the expert of each spot (``color="expert"``), how much one expert is used
+    (``color="weight"``), and the routing entropy (``color="entropy"``), an uncertainty map that is high where
+    a spot's image sits between the prototypes of several experts.
+
+    Spots are drawn as circles of their true diameter at the image's scale: AnnData images come from
+    ``.uns['spatial'][library_id]['images'][img_res_key]`` with the matching
+    ``scalefactors['tissue_{res}_scalef']``; SpatialData images are placed with the image element's
+    transformation to ``coordinate_system`` (and the spots with that of the element the table annotates),
+    using the coarsest resolution level that still shows the tissue at about 2000 px.
 
     Parameters
     ----------
     adata
-        AnnData (or SpatialData with ``table_key``) after :func:`spade_sc.tl.embed` or ``fit_spade``.
+        AnnData, or SpatialData (with ``table_key``/``image_key`` when it has several), after
+        :func:`spade_sc.tl.embed` (``"expert"`` also works after :func:`spade_sc.tl.fit_spade` alone).
     color
-        ``"expert"`` (categorical ``.obs['{key}_expert']``), ``"weight"`` (``.obsm['{key}_expert_weights']``
-        of ``expert``) or ``"entropy"`` (routing entropy, an uncertainty map).
+        ``"expert"`` (``.obs['{key}_expert']``), ``"weight"`` (column ``expert`` of
+        ``.obsm['{key}_expert_weights']``) or ``"entropy"`` (routing entropy of those weights, in nats).
     expert
-        Expert whose weight is drawn when ``color="weight"``.
+        The expert whose weight is drawn when ``color="weight"``.
     library_id
-        Slide to draw (a value of ``.obs[library_key]``); needed when there are several.
+        The slide to draw, a value of ``.obs[library_key]``; needed when there are several.
     library_key
-        ``.obs`` column of slides.
+        ``.obs`` column of slides (for SpatialData, the table's region column is used when this is absent).
     key
-        Prefix used by ``fit_spade``/``embed``.
+        Prefix used by ``fit_spade``/``embed`` (their ``key_added``).
+    spatial_key
+        ``.obsm`` key of the spot centres (full-resolution pixels for AnnData; for SpatialData, coordinates of
+        the annotated element).
     spot_size
-        Marker diameter in image pixels (default: from the scale factors, else the median spot spacing).
-    alpha, cmap, palette
-        Drawing options.
-    table_key
-        Table to use when ``adata`` is a SpatialData.
+        Spot diameter in the units of ``.obsm[spatial_key]`` (default: ``spot_diameter_fullres`` of the
+        scale factors or the circles' radius, else 0.8 × the median spot spacing).
+    img_res_key
+        AnnData image to draw (``"hires"``, ``"lowres"``, …; default ``hires`` when present).
+    show_image
+        Draw the H&E under the spots.
+    alpha
+        Opacity of the spots.
+    cmap
+        Colormap of ``"weight"`` and ``"entropy"``.
+    palette
+        Colours of the experts (default ``.uns['{key}_expert_colors']`` when present, as scanpy, else
+        scanpy's default palette).
+    legend
+        Show the legend (``"expert"``).
+    title
+        Axes title (default: slide and what is shown).
+    table_key, image_key, coordinate_system
+        SpatialData: which table, which image element, and the coordinate system in which image and spots
+        are matched.
     ax
-        Matplotlib axes to draw into (a new figure when ``None``).
+        Axes to draw into (a new figure when ``None``).
 
     Returns
     -------
-    The :class:`matplotlib.axes.Axes`.
+    The :class:`~matplotlib.axes.Axes` (with a colorbar for ``"weight"``/``"entropy"``).
+
+    Examples
+    --------
+    >>> import spade_sc as ss
+    >>> ss.pl.experts(adata, library_id="slide0")
+    >>> ss.pl.experts(adata, library_id="slide0", color="weight", expert=2)
+    >>> ss.pl.experts(adata, library_id="slide0", color="entropy")
     """
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Circle
-    from matplotlib.collections import PatchCollection
+    from matplotlib.lines import Line2D
 
-    adata = check_anndata(get_table(adata, table_key))
-    if _keys.SPATIAL not in adata.obsm:
-        raise KeyError(f"no spot coordinates in `adata.obsm[{_keys.SPATIAL!r}]`.")
-    if library_key in adata.obs.columns:
-        libs = adata.obs[library_key].astype(str)
-        if library_id is None:
-            if libs.nunique() > 1:
-                raise ValueError(
-                    f"several slides in `adata.obs[{library_key!r}]` ({', '.join(libs.unique()[:5])}); "
-                    "pass `library_id=` to choose one."
-                )
-            library_id = libs.iloc[0]
-        sel = (libs == str(library_id)).to_numpy()
-        if not sel.any():
-            raise ValueError(f"`library_id={library_id!r}` is not in `adata.obs[{library_key!r}]`.")
-    else:
-        sel = np.ones(adata.n_obs, dtype=bool)
-        if library_id is None and len(adata.uns.get("spatial", {})) == 1:
-            library_id = next(iter(adata.uns["spatial"]))
-    sub = adata[sel]
-    img, scale = _hires_image(adata, library_id)
-    xy = np.asarray(sub.obsm[_keys.SPATIAL], dtype=float) * scale
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 6))
-    if img is not None:
-        ax.imshow(img, interpolation="nearest")
-    if spot_size is None:
-        sf = adata.uns.get("spatial", {}).get(library_id, {}).get("scalefactors", {})
-        if "spot_diameter_fullres" in sf:
-            spot_size = float(sf["spot_diameter_fullres"])
-        else:
-            from scipy.spatial import cKDTree
-
-            d, _ = cKDTree(xy / scale).query(xy / scale, k=2) if len(xy) > 1 else (np.ones((1, 2)), None)
-            spot_size = float(np.median(d[:, 1])) * 0.8
-    radius = spot_size * scale / 2
-    circles = [Circle((x, y), radius) for x, y in xy]
-    coll = PatchCollection(circles, alpha=alpha, linewidths=0)
+    check_choice("color", color, ("expert", "weight", "entropy"))
+    slide = get_slide(
+        adata, library_id=library_id, library_key=library_key, spatial_key=spatial_key, table_key=table_key,
+        image_key=image_key, img_res_key=img_res_key, coordinate_system=coordinate_system, spot_size=spot_size,
+        show_image=show_image,
+    )
+    table = slide.table
+    col, wk = _keys.expert_key(key), _keys.weights_key(key)
     if color == "expert":
-        col = _keys.expert_key(key)
-        if col not in sub.obs.columns:
+        if col not in table.obs.columns:
             raise KeyError(f"no `adata.obs[{col!r}]`; run `ss.tl.embed` (or `ss.tl.fit_spade`) first.")
-        cats = sub.obs[col].astype("category")
-        all_cats = list(adata.obs[col].astype("category").cat.categories)
-        colors = plt.get_cmap(palette)(np.arange(len(all_cats)) % 20)
-        codes = np.array([all_cats.index(c) for c in cats])
-        coll.set_facecolor(colors[codes])
-        from matplotlib.lines import Line2D
-
-        present = sorted(set(codes))
-        handles = [Line2D([], [], marker="o", ls="", color=colors[c], label=str(all_cats[c])) for c in present]
-        ax.legend(handles=handles, title="expert", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    elif color in ("weight", "entropy"):
-        wk = _keys.weights_key(key)
-        if wk not in sub.obsm:
-            raise KeyError(f"no `adata.obsm[{wk!r}]`; run `ss.tl.embed` first.")
-        w = np.asarray(sub.obsm[wk])
-        if color == "weight":
-            if expert is None or not (0 <= expert < w.shape[1]):
-                raise ValueError(f"`color='weight'` needs `expert=` in [0, {w.shape[1] - 1}], got {expert!r}.")
-            values, label = w[:, expert], f"weight of expert {expert}"
-        else:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                values = -np.nansum(np.where(w > 0, w * np.log(w), 0.0), axis=1)
-            label = "routing entropy (nats)"
-        coll.set_array(values)
-        coll.set_cmap(cmap)
-        plt.colorbar(coll, ax=ax, label=label, fraction=0.046, pad=0.04)
+        cat = table.obs[col].astype("category")
+        cats = list(cat.cat.categories)
+        colors = expert_colors(table, col, len(cats)) if palette is None else _palette(palette, len(cats))
+        codes = cat.cat.codes.to_numpy()[slide.mask]
+        if (codes < 0).any():
+            raise ValueError(f"`adata.obs[{col!r}]` has missing values on this slide; rerun `ss.tl.embed`.")
     else:
-        raise ValueError(f"`color` must be 'expert', 'weight' or 'entropy', got {color!r}.")
-    ax.add_collection(coll)
-    if img is None:
-        ax.set_xlim(xy[:, 0].min() - radius, xy[:, 0].max() + radius)
-        ax.set_ylim(xy[:, 1].max() + radius, xy[:, 1].min() - radius)
-    ax.set_aspect("equal")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_title(f"{library_id}: {color}" if library_id is not None else color)
+        if wk not in table.obsm:
+            raise KeyError(f"no routing weights in `adata.obsm[{wk!r}]`; run `ss.tl.embed` first.")
+        w = np.asarray(table.obsm[wk])[slide.mask]
+        if color == "weight":
+            if expert is None or isinstance(expert, bool) or not isinstance(expert, (int, np.integer)) or not (
+                0 <= expert < w.shape[1]
+            ):
+                raise ValueError(f"`color='weight'` needs `expert=` an integer in [0, {w.shape[1] - 1}], got {expert!r}.")
+            values, vmax, label = w[:, expert], 1.0, f"routing weight of expert {expert}"
+        else:
+            values, vmax, label = routing_entropy(w), float(np.log(w.shape[1])), "routing entropy (nats)"
+
+    ax = new_axes(ax, (6.5, 6))
+    draw_tissue(ax, slide)
+    if color == "expert":
+        draw_spots(ax, slide, facecolors=colors[codes], alpha=alpha)
+        if legend:
+            handles = [
+                Line2D([], [], marker="o", ls="", markersize=8, color=colors[c], label=str(cats[c]))
+                for c in sorted(set(codes.tolist()))
+            ]
+            ax.legend(handles=handles, title="expert", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    else:
+        coll = draw_spots(ax, slide, values=values, cmap=cmap, vmin=0.0, vmax=vmax, alpha=alpha)
+        plt.colorbar(coll, ax=ax, label=label, fraction=0.046, pad=0.04)
+    what = {"expert": "expert", "weight": f"weight of expert {expert}", "entropy": "routing entropy"}[color]
+    ax.set_title(title if title is not None else (f"{slide.library_id}: {what}" if slide.library_id else what))
     return ax
+
+
+def _palette(palette, n: int) -> np.ndarray:
+    from matplotlib.colors import to_rgba
+
+    palette = list(palette)
+    if len(palette) < n:
+        raise ValueError(f"`palette` has {len(palette)} colours but there are {n} experts; give at least {n}.")
+    return np.array([to_rgba(c) for c in palette[:n]])
