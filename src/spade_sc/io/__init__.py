@@ -1,3 +1,17 @@
 """Readers of HEST-1k, her2st, Visium and SpatialData."""
 
-__all__: list[str] = []
+from ._her2st import read_her2st
+from ._hest import read_hest, read_hest_metadata, read_hest_patches, select_hest_samples
+from ._spatialdata import to_anndata, to_spatialdata
+from ._visium import read_visium
+
+__all__ = [
+    "read_hest",
+    "read_hest_patches",
+    "read_hest_metadata",
+    "select_hest_samples",
+    "read_her2st",
+    "read_visium",
+    "to_spatialdata",
+    "to_anndata",
+]
