@@ -59,8 +59,12 @@ def get_obs_column(adata: AnnData, key: str, *, what: str) -> np.ndarray:
     return col.astype(str).to_numpy()
 
 
-def get_counts(adata: AnnData, layer: str | None, *, require_counts: bool = False):
-    """Return ``adata.layers[layer]`` (or ``.X``) as CSR or a dense array; validate finiteness/sign."""
+def get_counts(adata: AnnData, layer: str | None, *, require_counts: bool = False, hint: str | None = None):
+    """Return ``adata.layers[layer]`` (or ``.X``) as CSR or a dense array; validate finiteness/sign.
+
+    ``require_counts`` also refuses non-integer values; ``hint`` is appended to that message (the caller's
+    way out, e.g. an option that accepts normalised data).
+    """
     if layer is None:
         x = adata.X
         where = "adata.X"
@@ -87,7 +91,7 @@ def get_counts(adata: AnnData, layer: str | None, *, require_counts: bool = Fals
         if not np.allclose(sample, np.round(sample)):
             raise ValueError(
                 f"{where} has non-integer values but raw counts are expected here; pass `layer=` naming "
-                "raw counts, or `normalize=None` if the data is already normalised."
+                "raw counts (e.g. `layer='counts'`)" + (f", {hint}" if hint else "") + "."
             )
     return x
 
