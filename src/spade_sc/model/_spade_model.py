@@ -175,7 +175,9 @@ class SpadeModel:
         adata = check_anndata(get_table(adata, table_key))
         p = self.params
         feats = get_rep(adata, use_rep)
-        counts = get_counts(adata, layer, require_counts=p["normalize"])
+        counts = get_counts(
+            adata, layer, require_counts=p["normalize"], hint="or `normalize=False` to use the values as they are"
+        )
         batches = get_obs_column(adata, batch_key, what="batch_key") if batch_key is not None else None
         groups = get_obs_column(adata, group_key, what="group_key") if group_key is not None else None
         if _keys.GENE_MASK in adata.var.columns:
@@ -187,6 +189,9 @@ class SpadeModel:
         else:
             gene_mask = np.ones(adata.n_vars, dtype=bool)
         gene_idx = np.flatnonzero(gene_mask)
+        if len(gene_idx) == 0:
+            raise ValueError("`adata` has no genes (n_vars == 0); SPADE trains on the spots' expression, pass an "
+                             "AnnData whose `.X` (or `layer=`) holds it.")
 
         train, val = _split(adata.n_obs, batches, p["val_fraction"], p["random_state"])
         if len(train) < p["n_prototypes"] and groups is None:
@@ -334,7 +339,9 @@ class SpadeModel:
 
         from ._data import ExpressionSource
 
-        counts = get_counts(adata, layer, require_counts=self.normalize)
+        counts = get_counts(
+            adata, layer, require_counts=self.normalize, hint="as this model (fitted with `normalize=True`) expects"
+        )
         pos = pd.Index(adata.var_names).get_indexer(self.genes_)
         if (pos < 0).any():
             missing = self.genes_[pos < 0]
@@ -364,7 +371,14 @@ class SpadeModel:
 
     @classmethod
     def from_spade_checkpoints(cls, *args, **kwargs) -> SpadeModel:
-        """Import the authors' released checkpoints; see :func:`spade_sc.model.from_spade_checkpoints`."""
+        """Import the SPADE authors' release: one ``.pt`` per expert, ``centroids.npy``, ``reassigned_clusters.npy``.
+
+        Call as ``SpadeModel.from_spade_checkpoints(expert_files, centroids, centroid_to_expert, *, genes,
+        centroid_group=None, normalize=False, target_sum=1e4, dropout=0.1, device=None)``. The ``.pt`` files
+        are read with ``torch.load(..., weights_only=True)`` (a file that would run code is refused); the model
+        routes with the authors' raw distances (``distance_scale_ = 1``). Parameters in full:
+        :func:`spade_sc.model._interop.from_spade_checkpoints`.
+        """
         from ._interop import from_spade_checkpoints
 
         return from_spade_checkpoints(cls, *args, **kwargs)
@@ -384,6 +398,9 @@ def _check_hyper(p: dict) -> None:
     check_choice("precision", p["precision"], ("32", "bf16"))
     if p["n_experts"] > p["n_prototypes"] and True:
         pass  # more experts than total prototypes is checked at fit time (prototypes are per group)
+    rs = p["random_state"]
+    if rs is not None and (isinstance(rs, bool) or not isinstance(rs, (int, np.integer))):
+        raise TypeError(f"`random_state` must be an integer or None, got {rs!r}.")
     if not isinstance(p["normalize"], bool):
         raise TypeError(f"`normalize` must be True or False, got {p['normalize']!r}.")
 
