@@ -66,7 +66,7 @@ def select_genes(
     check_positive("n_top_genes", n_top_genes, integer=True)
     data = copy_data(adata) if copy else adata
     table = check_anndata(get_table(data, table_key))
-    x = get_counts(table, layer)
+    x = get_counts(table, layer, require_counts=True)  # it normalises: normalised input would be logged twice
     batches = (
         get_obs_column(table, batch_key, what="batch_key") if batch_key is not None else np.zeros(table.n_obs, str)
     )

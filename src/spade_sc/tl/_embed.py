@@ -70,6 +70,11 @@ def embed(
     - ``.obs['{key_added}_expert']``: expert of largest weight (categorical)
     - ``.uns['{key_added}']['embed_params']``
     """
+    if not isinstance(model, SpadeModel):
+        raise TypeError(
+            f"`model` must be a fitted spade_sc.SpadeModel, got {type(model).__name__}; get one from "
+            "`ss.tl.fit_spade`, `ss.SpadeModel.load` or `ss.SpadeModel.from_spade_checkpoints`."
+        )
     data = copy_data(adata) if copy else adata
     table = get_table(data, table_key)
     emb, weights = model.get_embedding(
