@@ -96,10 +96,16 @@ def load_model(cls, path: Path, *, device: str | None = None):
             f"than this spade_sc ({_package_version()}, format {FORMAT_VERSION}) can read; upgrade with "
             "`pip install -U spade_sc`."
         )
+    missing = [k for k in ("hyperparameters", "feature_dim", "n_experts", "distance_scale", "genes") if k not in cfg]
+    if missing:
+        raise ValueError(f"{str(cfg_path)!r} lacks {missing}; the model directory is corrupt, save the model again.")
     try:
         tensors = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{str(w_path)!r} could not be read ({e}); the model directory is corrupt.") from e
+    missing = [k for k in ("centroids", "centroid_to_expert") if k not in tensors]
+    if missing:
+        raise ValueError(f"{str(w_path)!r} lacks {missing}; the model directory is corrupt, save the model again.")
     hyper = _hyper_defaults()
     hyper.update(cfg["hyperparameters"])
     model = cls(device=device, **hyper)
