@@ -52,7 +52,7 @@ def get_obs_column(adata: AnnData, key: str, *, what: str) -> np.ndarray:
     """Return ``adata.obs[key]`` as a string array, raising a ``KeyError`` that lists the columns."""
     if key not in adata.obs.columns:
         cols = ", ".join(map(repr, adata.obs.columns[:20])) or "none"
-        raise KeyError(f"`{what}={key!r}` is not a column of `adata.obs` (columns: {cols}).")
+        raise KeyError(f"`{what}={key!r}` is not a column of `adata.obs`; pass one of its columns: {cols}.")
     col = adata.obs[key]
     if col.isna().any():
         raise ValueError(f"`adata.obs[{key!r}]` has {int(col.isna().sum())} missing values; fill or drop them.")
@@ -71,7 +71,9 @@ def get_counts(adata: AnnData, layer: str | None, *, require_counts: bool = Fals
     else:
         if layer not in adata.layers:
             keys = ", ".join(map(repr, adata.layers.keys())) or "none"
-            raise KeyError(f"`layer={layer!r}` is not in `adata.layers` (layers: {keys}).")
+            raise KeyError(
+                f"`layer={layer!r}` is not in `adata.layers`; pass one of its layers ({keys}) or `layer=None` for `.X`."
+            )
         x = adata.layers[layer]
         where = f"adata.layers[{layer!r}]"
     if x is None:
