@@ -6,26 +6,70 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-__all__ = ["ExpressionSource", "size_factors", "expert_batches"]
+__all__ = ["ExpressionSource", "size_factors", "expert_batches", "take_rows"]
 
 TARGET_SUM = 1e4
 
 
+def _is_lazy(x) -> bool:
+    """True for array-likes read on demand (zarr, h5py, dask, anndata backed datasets), not for NumPy/memmap."""
+    return not (isinstance(x, np.ndarray) or sp.issparse(x))
+
+
+def take_rows(x, idx: np.ndarray):
+    """``x[idx]`` for NumPy/memmap arrays, SciPy sparse matrices, zarr and h5py arrays, dask arrays and
+    AnnData backed (sparse) datasets; out-of-core stores are read in sorted order, only the rows asked for."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if not _is_lazy(x):
+        return x[idx]
+    uniq, inv = np.unique(idx, return_inverse=True)
+    if hasattr(x, "oindex"):  # zarr
+        block = x.oindex[uniq, :] if len(getattr(x, "shape", ())) > 1 else x.oindex[uniq]
+    else:  # h5py (increasing indices), anndata backed datasets, dask
+        block = x[uniq]
+        if hasattr(block, "compute"):
+            block = block.compute()
+    if sp.issparse(block):
+        return sp.csr_matrix(block)[inv]
+    return np.asarray(block)[inv]
+
+
+def _row_totals(x, chunk: int = 65536) -> np.ndarray:
+    """Float64 row sums without a converted copy of the matrix (CSR: over ``data``; others: in row chunks)."""
+    if sp.issparse(x) and x.format == "csr":
+        indptr = np.asarray(x.indptr)
+        out = np.zeros(x.shape[0], dtype=np.float64)
+        nonempty = np.flatnonzero(indptr[:-1] < indptr[1:])
+        if len(nonempty):
+            out[nonempty] = np.add.reduceat(np.asarray(x.data)[: indptr[-1]], indptr[nonempty], dtype=np.float64)
+        return out
+    if isinstance(x, np.ndarray) or sp.issparse(x):
+        return np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()
+    out = np.empty(x.shape[0], dtype=np.float64)
+    for s in range(0, x.shape[0], chunk):
+        block = x[s : s + chunk]
+        if hasattr(block, "compute"):
+            block = block.compute()
+        out[s : s + chunk] = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()
+    return out
+
+
 def size_factors(x, target_sum: float = TARGET_SUM) -> np.ndarray:
     """``target_sum / total counts`` of each row (over all genes), 0 for empty rows."""
-    totals = np.asarray(x.sum(axis=1)).ravel().astype(np.float64)
+    totals = _row_totals(x)
     with np.errstate(divide="ignore"):
         f = np.where(totals > 0, target_sum / totals, 0.0)
     return f.astype(np.float32)
 
 
 class ExpressionSource:
-    """Rows of a gene panel, built into dense minibatches on demand.
+    """Rows of a gene panel, built into minibatches on demand; the matrix itself is never copied.
 
     Parameters
     ----------
     x
-        ``n × n_genes_total`` counts (CSR, CSC or dense; any array-like AnnData holds).
+        ``n × n_genes_total`` counts: CSR/CSC or dense in memory, a NumPy memmap, a SciPy CSR whose arrays are
+        memmaps, or an out-of-core array (zarr, h5py, dask, AnnData backed dataset) read per minibatch.
     gene_idx
         Column indices of the panel.
     normalize
@@ -35,21 +79,57 @@ class ExpressionSource:
 
     def __init__(self, x, gene_idx: np.ndarray, *, normalize: bool = True, target_sum: float = TARGET_SUM):
         self.normalize = normalize
+        if sp.issparse(x) and x.format != "csr":
+            x = x.tocsr()  # CSC or COO: one CSR copy (row access needs it)
+        self.x = x
         self.scale = size_factors(x, target_sum) if normalize else None
-        if sp.issparse(x):
-            self.x = sp.csr_matrix(x)[:, gene_idx].astype(np.float32)
-            self.x.sort_indices()
-        else:
-            self.x = np.ascontiguousarray(np.asarray(x)[:, gene_idx], dtype=np.float32)
+        gene_idx = np.asarray(gene_idx, dtype=np.int64)
+        self.gene_idx = gene_idx
         self.n_genes = len(gene_idx)
+        self.all_genes = self.n_genes == x.shape[1] and bool((gene_idx == np.arange(x.shape[1])).all())
+        self.col_map = np.full(x.shape[1], -1, dtype=np.int32)
+        self.col_map[gene_idx] = np.arange(self.n_genes, dtype=np.int32)
+        self.is_sparse = sp.issparse(x) or "csr" in str(getattr(x, "format", "")).lower()
 
     def __len__(self) -> int:
         return self.x.shape[0]
 
+    @property
+    def density(self) -> float:
+        """Fraction of non-zero values of the whole matrix (1 for dense inputs)."""
+        if sp.issparse(self.x):
+            return self.x.nnz / max(1, self.x.shape[0] * self.x.shape[1])
+        return 1.0
+
+    def prefers_sparse(self) -> bool:
+        """Whether sparse minibatches pay off: CSR input, ≥ 512 panel genes, ≤ 25 % non-zero."""
+        return self.is_sparse and self.n_genes >= 512 and self.density <= 0.25
+
     def rows(self, idx: np.ndarray) -> np.ndarray:
         """Dense float32 ``[len(idx), n_genes]`` of the raw panel values."""
-        out = self.x[idx]
-        return out.toarray() if sp.issparse(out) else np.asarray(out)
+        out = take_rows(self.x, idx)
+        if not self.all_genes:
+            out = out[:, self.gene_idx]
+        out = out.toarray() if sp.issparse(out) else np.asarray(out)
+        return out.astype(np.float32, copy=False)
+
+    def sparse_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """CSR ``(indptr, indices, data)`` of rows ``rows`` (``-1``: empty row), normalised when ``normalize``."""
+        from ._kernels import gather_rows
+
+        rows = np.asarray(rows, dtype=np.int64)
+        scale = self.scale
+        if sp.issparse(self.x):
+            x, local = self.x, rows
+        else:  # out-of-core sparse dataset: read the rows asked for, then gather from that block
+            valid = rows >= 0
+            uniq, inv = np.unique(rows[valid], return_inverse=True)
+            x = sp.csr_matrix(take_rows(self.x, uniq))
+            local = np.full(len(rows), -1, dtype=np.int64)
+            local[valid] = inv
+            scale = None if scale is None else scale[uniq]
+        return gather_rows(np.asarray(x.indptr), np.asarray(x.indices), np.asarray(x.data), local, self.col_map,
+                           scale)
 
     def transform(self, dense: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
         """Apply the normalisation to a minibatch already on its device."""

@@ -18,6 +18,7 @@ from ._data import ExpressionSource, expert_batches
 from ._heads import ExpertPairs
 from ._loss import soft_clip_loss
 from ._optim import StackedAdamW, cosine_lr
+from ._step import _NAMES, BatchBuilder, adamw_step, head_forward, prefetch, select_params
 
 __all__ = ["TrainConfig", "train_experts"]
 
@@ -36,6 +37,8 @@ class TrainConfig:
     patience: int | None = None
     random_state: int = 0
     precision: str = "32"  # "32" or "bf16" (CUDA only)
+    sparse_input: bool | None = None  # CSR minibatches for the expression heads; None: when it pays off
+    prefetch: bool = True  # build the next minibatch in a background thread
 
 
 def _fmt_mean(x: np.ndarray) -> str:
@@ -47,52 +50,73 @@ def _seed(random_state: int, epoch: int, salt: int) -> int:
     return int(np.random.SeedSequence([random_state, epoch, salt]).generate_state(1)[0])
 
 
-class _Batcher:
-    """Builds the ``[E, B, ·]`` input tensors of one step."""
-
-    def __init__(self, feats: np.ndarray, expr: ExpressionSource, device: torch.device):
-        self.device = device
-        self.expr = expr
-        # features live on the device once (float16 stays float16 there; cast per batch)
-        self.feats = torch.from_numpy(np.ascontiguousarray(feats)).to(device)
-
-    def __call__(self, idx: np.ndarray, experts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        e, b = idx.shape
-        flat = idx.reshape(-1)
-        x_img = self.feats[torch.from_numpy(flat).to(self.device)].float().view(e, b, -1)
-        x_expr = self.expr.batch(flat, self.device).view(e, b, -1)
-        return x_img, x_expr
+def _step_seed(random_state: int, epoch: int, step: int) -> int:
+    return int(np.random.SeedSequence([random_state, epoch, 2, step]).generate_state(1)[0])
 
 
-def _forward_loss(pairs, x_img, x_expr, mask, experts, temperature, generator, autocast):
+def _forward_loss(pairs, x_img, x_expr, mask, act, act_global, temperature, generator, autocast, *, train: bool):
+    """Per-expert loss of experts ``act`` (a subset of ``act_global``, the experts active at this step).
+
+    Returns the loss and the parameter leaves (views of the stacked parameters, or copies) it depends on.
+    Dropout masks are drawn for all of ``act_global`` (as one process would) and sliced to ``act``.
+    """
+    local = None if len(act) == len(act_global) else np.searchsorted(act_global, act)
+    p_img = select_params(pairs.image, act, requires_grad=train)
+    p_expr = select_params(pairs.expression, act, requires_grad=train)
+    kw = dict(training=train, generator=generator, n_global=len(act_global), local=local)
     with autocast:
-        e_img = pairs.image(x_img, experts, generator)
-        e_expr = pairs.expression(x_expr, experts, generator)
-    return soft_clip_loss(e_img, e_expr, temperature, mask)
+        e_img = head_forward(x_img, p_img, dropout=pairs.image.dropout, **kw)
+        e_expr = head_forward(x_expr, p_expr, dropout=pairs.expression.dropout, **kw)
+    return soft_clip_loss(e_img, e_expr, temperature, mask), p_img, p_expr
 
 
 @torch.no_grad()
 def evaluate_experts(
-    pairs: ExpertPairs, batcher, spots_per_expert: list[np.ndarray], batch_size: int, temperature: float, autocast
+    pairs: ExpertPairs, builder, spots_per_expert: list[np.ndarray], batch_size: int, temperature: float, autocast,
+    mine: np.ndarray | None = None, prefetch_batches: bool = True,
 ) -> np.ndarray:
-    """Mean loss of each expert over fixed minibatches of its spots (NaN for an expert without spots)."""
-    was_training = pairs.training
-    pairs.eval()
+    """Mean loss of each expert (of ``mine``) over fixed minibatches of its spots (NaN without spots)."""
+    mine = np.ones(pairs.n_experts, dtype=bool) if mine is None else mine
     idx, mask, active = expert_batches(spots_per_expert, batch_size, np.random.default_rng(0), shuffle=False)
-    total = np.zeros(pairs.n_experts)
+    active &= mine[None]
+    total = torch.zeros(pairs.n_experts, dtype=torch.float64, device=builder.device)
     count = np.zeros(pairs.n_experts)
-    for s in range(idx.shape[0]):
+    steps = [s for s in range(idx.shape[0]) if active[s].any()]
+
+    def build(s):
         act = np.flatnonzero(active[s])
-        experts = None if len(act) == pairs.n_experts else torch.from_numpy(act).to(batcher.device)
-        x_img, x_expr = batcher(idx[s, act], act)
-        m = torch.from_numpy(mask[s, act]).to(batcher.device)
-        loss = _forward_loss(pairs, x_img, x_expr, m, experts, temperature, None, autocast)
+        return act, builder(idx[s, act], mask[s, act])
+
+    for s, (act, (x_img, x_expr, m)) in prefetch(build, steps, enabled=prefetch_batches):
+        loss, _, _ = _forward_loss(pairs, x_img, x_expr, m, act, act, temperature, None, autocast, train=False)
         n = mask[s, act].sum(1)
-        total[act] += loss.double().cpu().numpy() * n
+        total.index_add_(0, torch.from_numpy(act).to(total.device), loss.double() * torch.from_numpy(n).to(total.device))
         count[act] += n
-    pairs.train(was_training)
     with np.errstate(invalid="ignore"):
-        return total / np.where(count > 0, count, np.nan)
+        return total.cpu().numpy() / np.where(count > 0, count, np.nan)
+
+
+def _train_step(pairs, opt, inputs, act, act_global, config, total_steps, gen, autocast) -> torch.Tensor:
+    x_img, x_expr, m = inputs
+    loss, p_img, p_expr = _forward_loss(pairs, x_img, x_expr, m, act, act_global, config.temperature, gen, autocast,
+                                        train=True)
+    loss.sum().backward()
+    lr = cosine_lr(config.lr, opt.steps, total_steps)
+    params = [getattr(pairs.image, k) for k in _NAMES] + [getattr(pairs.expression, k) for k in _NAMES]
+    grads = [p_img[k].grad for k in _NAMES] + [p_expr[k].grad for k in _NAMES]
+    adamw_step(opt, params, grads, act, lr)
+    return loss.detach()
+
+
+def _combine(comm, values: np.ndarray, mine: np.ndarray) -> np.ndarray:
+    """Per-expert values computed by their owning rank, made identical on all ranks (NaN preserved)."""
+    if comm is None:
+        return values
+    nan = np.isnan(values) & mine
+    out = comm.all_reduce_numpy(np.where(mine, np.nan_to_num(values), 0.0))
+    isnan = comm.all_reduce_numpy(nan.astype(np.float64)) > 0
+    out[isnan] = np.nan
+    return out
 
 
 def _fsync(path: Path) -> None:
@@ -170,10 +194,14 @@ def train_experts(
 
     Returns the loss history (one row per epoch and expert).
     """
+    from ._distributed import current
+
     n_experts = pairs.n_experts
     bs = config.batch_size
     pairs.to(device).train()
-    batcher = _Batcher(feats, expr, device)
+    builder = BatchBuilder(feats, expr, device, sparse=config.sparse_input)
+    comm = current()
+    mine = np.ones(n_experts, dtype=bool) if comm is None else comm.owned_experts([len(s) for s in train_spots])
     opt = StackedAdamW(pairs.parameters(), n_experts, weight_decay=config.weight_decay)
     n_batches = torch.tensor([-(-len(s) // bs) for s in train_spots], dtype=torch.long)
     total_steps = n_batches * config.max_epochs
@@ -191,6 +219,8 @@ def train_experts(
     start_epoch = 0
 
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None and comm is not None:  # every rank keeps (and resumes from) its own state
+        ckpt = ckpt / f"rank{comm.rank}-of-{comm.world}"
     if ckpt is not None and ckpt.exists() and not ckpt.is_dir():
         raise NotADirectoryError(
             f"`checkpoint_dir={str(ckpt)!r}` is a file, not a directory; pass a directory (it is created if missing)."
@@ -216,34 +246,32 @@ def train_experts(
         if stopped.all():
             break
         rng = np.random.default_rng(_seed(config.random_state, epoch, 1))
-        gen = torch.Generator(device=device)
-        gen.manual_seed(_seed(config.random_state, epoch, 2))
         idx, mask, active = expert_batches(train_spots, bs, rng)
         active &= ~stopped[None]
-        train_sum = np.zeros(n_experts)
+        train_sum = torch.zeros(n_experts, dtype=torch.float64, device=device)
         train_n = np.zeros(n_experts)
         pairs.train()
-        for s in range(idx.shape[0]):
-            act = np.flatnonzero(active[s])
-            if len(act) == 0:
-                continue
-            all_on = len(act) == n_experts
-            experts = None if all_on else torch.from_numpy(act).to(device)
-            x_img, x_expr = batcher(idx[s, act], act)
-            m = torch.from_numpy(mask[s, act]).to(device)
-            loss = _forward_loss(pairs, x_img, x_expr, m, experts, config.temperature, gen, autocast)
-            opt.zero_grad()
-            loss.sum().backward()
-            act_mask = torch.zeros(n_experts, dtype=torch.bool)
-            act_mask[act] = True
-            lr = cosine_lr(config.lr, opt.steps, total_steps)
-            opt.step(lr, None if all_on else act_mask)
+        steps = [s for s in range(idx.shape[0]) if (active[s] & mine).any()]
+
+        def build(s, idx=idx, mask=mask, active=active):
+            act_global = np.flatnonzero(active[s])
+            act = act_global[mine[act_global]]
+            return act_global, act, builder(idx[s, act], mask[s, act])
+
+        for s, (act_global, act, inputs) in prefetch(build, steps, enabled=config.prefetch):
+            gen = torch.Generator(device=device)
+            gen.manual_seed(_step_seed(config.random_state, epoch, s))
+            loss = _train_step(pairs, opt, inputs, act, act_global, config, total_steps, gen, autocast)
             n = mask[s, act].sum(1)
-            train_sum[act] += loss.detach().double().cpu().numpy() * n
+            train_sum.index_add_(0, torch.from_numpy(act).to(device), loss.double() * torch.from_numpy(n).to(device))
             train_n[act] += n
+        train_sum = train_sum.cpu().numpy()
         with np.errstate(invalid="ignore"):
             train_loss = train_sum / np.where(train_n > 0, train_n, np.nan)
-        val_loss = evaluate_experts(pairs, batcher, val_spots, bs, config.temperature, autocast)
+        val_loss = evaluate_experts(pairs, builder, val_spots, bs, config.temperature, autocast, mine,
+                                    config.prefetch)
+        train_loss = _combine(comm, np.where(mine, train_loss, np.nan), mine)
+        val_loss = _combine(comm, np.where(mine, val_loss, np.nan), mine)
         # model selection per expert: validation loss where the expert has validation spots, else last epoch
         with np.errstate(invalid="ignore"):
             improved = np.where(has_val, val_loss < best_loss, True) & ~stopped
@@ -276,5 +304,11 @@ def train_experts(
             _atomic_save(tensors, meta, ckpt)
     bar.close()
     pairs.load_state_dict(best_state)
+    if comm is not None:  # each expert's weights from the rank that trained it
+        with torch.no_grad():
+            keep = torch.from_numpy(mine).to(device)
+            for v in pairs.state_dict().values():
+                v.mul_(keep.view(-1, *([1] * (v.dim() - 1))).to(v.dtype))
+                comm.all_reduce_sum(v)
     pairs.eval()
     return pd.DataFrame(rows, columns=["epoch", "expert", "train_loss", "val_loss"])

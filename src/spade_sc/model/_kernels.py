@@ -1,0 +1,150 @@
+"""Compiled (numba) kernels over CSR arrays for the training hot path.
+
+Compiled lazily on first use and cached on disk (``cache=True``); every kernel releases the GIL, so the next
+minibatch can be built in a background thread while the current step runs.
+
+- :func:`gather_rows`: rows of a CSR matrix (any value/index dtype, e.g. ``uint16`` counts with ``int32``
+  indices) restricted to a gene panel, optionally ``log1p(x · scale[row])``, as a new float32 CSR; row ``-1``
+  gives an empty row (padding). No scipy fancy indexing, no copy of the whole matrix.
+- :func:`densify`: CSR → dense ``[n, n_cols]`` float32.
+- :func:`stacked_spmm` / :func:`stacked_spmm_wgrad`: ``out[e·B + i] = X[e·B + i] @ W[e]`` and its weight
+  gradient ``dW[e] = X_eᵀ @ dOut_e`` for a CSR ``X`` of ``E·B`` rows (``B`` rows per expert).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+__all__ = ["gather_rows", "densify", "stacked_spmm", "stacked_spmm_wgrad", "row_sums"]
+
+
+@functools.cache
+def _jit():
+    import numba as nb
+
+    opts = dict(nogil=True, cache=True)
+    popts = dict(nogil=True, cache=True, parallel=True)
+
+    @nb.njit(**opts)
+    def _count(indptr, indices, rows, col_map):
+        n = rows.shape[0]
+        counts = np.zeros(n + 1, dtype=np.int64)
+        for i in range(n):
+            r = rows[i]
+            if r < 0:
+                continue
+            c = 0
+            for k in range(indptr[r], indptr[r + 1]):
+                if col_map[indices[k]] >= 0:
+                    c += 1
+            counts[i + 1] = c
+        return np.cumsum(counts)
+
+    @nb.njit(**opts)
+    def _fill(indptr, indices, data, rows, col_map, scale, out_ptr, out_idx, out_val):
+        for i in range(rows.shape[0]):
+            r = rows[i]
+            if r < 0:
+                continue
+            o = out_ptr[i]
+            f = np.float32(scale[r])
+            for k in range(indptr[r], indptr[r + 1]):
+                j = col_map[indices[k]]
+                if j >= 0:
+                    out_idx[o] = j
+                    out_val[o] = np.float32(data[k]) * f
+                    o += 1
+
+    @nb.njit(**opts)
+    def _densify(indptr, indices, data, out):
+        for i in range(out.shape[0]):
+            for k in range(indptr[i], indptr[i + 1]):
+                out[i, indices[k]] = data[k]
+
+    @nb.njit(**popts)
+    def _spmm(indptr, indices, data, w, rows_per_expert, out):
+        p = w.shape[2]
+        for i in nb.prange(out.shape[0]):
+            e = i // rows_per_expert
+            for j in range(p):
+                out[i, j] = 0.0
+            for k in range(indptr[i], indptr[i + 1]):
+                v = data[k]
+                g = indices[k]
+                for j in range(p):
+                    out[i, j] += v * w[e, g, j]
+
+    @nb.njit(**popts)
+    def _wgrad(indptr, indices, data, dout, rows_per_expert, dw):
+        p = dw.shape[2]
+        for e in nb.prange(dw.shape[0]):
+            dw[e] = 0.0
+            for i in range(e * rows_per_expert, (e + 1) * rows_per_expert):
+                for k in range(indptr[i], indptr[i + 1]):
+                    v = data[k]
+                    g = indices[k]
+                    for j in range(p):
+                        dw[e, g, j] += v * dout[i, j]
+
+    @nb.njit(**opts)
+    def _row_sums(indptr, data, out):
+        for i in range(out.shape[0]):
+            s = 0.0
+            for k in range(indptr[i], indptr[i + 1]):
+                s += data[k]
+            out[i] = s
+
+    return {"count": _count, "fill": _fill, "densify": _densify, "spmm": _spmm, "wgrad": _wgrad,
+            "row_sums": _row_sums}
+
+
+def gather_rows(indptr, indices, data, rows: np.ndarray, col_map: np.ndarray, scale: np.ndarray | None):
+    """Rows ``rows`` (``-1``: empty) of a CSR matrix, columns mapped by ``col_map`` (``-1``: dropped).
+
+    Returns float32 ``(indptr int64, indices int32, data float32)``; values are ``log1p(x · scale[row])``
+    when ``scale`` is given, else ``x``.
+    """
+    k = _jit()
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    out_ptr = k["count"](indptr, indices, rows, col_map)
+    nnz = int(out_ptr[-1])
+    out_idx = np.empty(nnz, dtype=np.int32)
+    out_val = np.empty(nnz, dtype=np.float32)
+    sc = scale if scale is not None else np.ones(int(rows.max(initial=0)) + 1, dtype=np.float32)
+    k["fill"](indptr, indices, data, rows, col_map, sc, out_ptr, out_idx, out_val)
+    if scale is not None:
+        np.log1p(out_val, out=out_val)
+    return out_ptr, out_idx, out_val
+
+
+def densify(indptr, indices, data, n_cols: int) -> np.ndarray:
+    """Dense float32 ``[len(indptr) - 1, n_cols]`` of a CSR matrix."""
+    out = np.zeros((len(indptr) - 1, n_cols), dtype=np.float32)
+    _jit()["densify"](indptr, indices, data, out)
+    return out
+
+
+def stacked_spmm(indptr, indices, data, w: np.ndarray, rows_per_expert: int) -> np.ndarray:
+    """``[E·B, P]``: row ``i`` of the CSR times ``w[i // B]`` (``w`` is ``[E, G, P]`` float32)."""
+    out = np.empty((len(indptr) - 1, w.shape[2]), dtype=np.float32)
+    _jit()["spmm"](indptr, indices, data, w, rows_per_expert, out)
+    return out
+
+
+def stacked_spmm_wgrad(indptr, indices, data, dout: np.ndarray, rows_per_expert: int, n_cols: int,
+                       out: np.ndarray | None = None) -> np.ndarray:
+    """``[E, G, P]`` gradient of :func:`stacked_spmm` with respect to ``w``."""
+    n_exp = (len(indptr) - 1) // rows_per_expert
+    if out is None:
+        out = np.empty((n_exp, n_cols, dout.shape[1]), dtype=np.float32)
+    _jit()["wgrad"](indptr, indices, data, dout, rows_per_expert, out)
+    return out
+
+
+def row_sums(indptr, data) -> np.ndarray:
+    """Float64 sum of each row of a CSR matrix."""
+    out = np.empty(len(indptr) - 1, dtype=np.float64)
+    _jit()["row_sums"](indptr, data, out)
+    return out
