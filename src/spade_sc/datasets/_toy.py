@@ -37,8 +37,8 @@ def _smooth_field(rng, shape, n_fields, scale):
     return (f - f.mean(axis=(1, 2), keepdims=True)) / f.std(axis=(1, 2), keepdims=True)
 
 
-def _render_slide(rng, size, domain_px, cell_px, stain):
-    """Render an RGB uint8 H&E-like image from a per-pixel domain map and cellularity map."""
+def _render_slide(rng, size, domain_px, cell_px, ecm_px, stain):
+    """Render an RGB uint8 H&E-like image from per-pixel domain, cellularity and fibre-density maps."""
     img = np.zeros((size, size, 3), dtype=np.float32)
     for d, name in enumerate(DOMAINS):
         bg = np.asarray(_LOOK[name][0], dtype=np.float32)
@@ -48,6 +48,10 @@ def _render_slide(rng, size, domain_px, cell_px, stain):
     yy, xx = np.mgrid[0:size, 0:size]
     cells = ((np.sin(xx / 5.0) * np.sin(yy / 5.0)) > 0.85) & (domain_px == DOMAINS.index("adipose"))
     img[cells] = (225, 160, 190)
+    # stroma: collagen fibres, darker and denser where the fibre-density field is high
+    stroma = domain_px == DOMAINS.index("stroma")
+    fibres = (np.sin((xx + 0.5 * yy) / 2.5) > 0.2) & stroma
+    img[fibres] -= (ecm_px[fibres, None] * np.array([20.0, 90.0, 60.0], dtype=np.float32))
     # nuclei: Poisson number per domain and cellularity, drawn as dark discs
     for d, name in enumerate(DOMAINS):
         _, nuc, dens, rad = _LOOK[name]
@@ -113,7 +117,8 @@ def toy(
         Spots per side of each slide's square array (``grid²`` spots per slide).
     n_genes
         Number of genes (5 domain programmes of 20 markers, a 15-gene proliferation programme driven by
-        cellularity, the rest background).
+        cellularity in tumour, a 10-gene matrix programme driven by fibre density in stroma, the rest
+        background).
     n_features
         Size of the image features in ``.obsm['X_image']``.
     feature_gain
@@ -137,8 +142,8 @@ def toy(
     >>> adata
     AnnData object with n_obs × n_vars = 1600 × 300 ...
     """
-    if n_genes < 5 * 20 + 15 + 1:
-        raise ValueError(f"`n_genes` must be at least {5 * 20 + 16} (programmes + background), got {n_genes}.")
+    if n_genes < 5 * 20 + 25 + 1:
+        raise ValueError(f"`n_genes` must be at least {5 * 20 + 26} (programmes + background), got {n_genes}.")
     rng = np.random.default_rng(random_state)
     size = grid * spot_pitch_px
     n_dom = len(DOMAINS)
@@ -149,6 +154,8 @@ def toy(
         programme[d, d * 20 : (d + 1) * 20] = rng.uniform(2.0, 6.0, 20)
     prolif = np.zeros(n_genes)
     prolif[100:115] = rng.uniform(2.0, 5.0, 15)
+    ecm = np.zeros(n_genes)
+    ecm[115:125] = rng.uniform(2.0, 4.0, 10)
     # fixed random non-linear expansion of the patch statistics (same for every slide)
     w = rng.standard_normal((18, n_features)) * 0.9
     b = rng.uniform(-1, 1, n_features)
@@ -165,7 +172,9 @@ def toy(
         cell_low = _smooth_field(rng, (size // 8, size // 8), 1, scale=size / 8 / 8)[0]
         cell_px = 1 / (1 + np.exp(-np.repeat(np.repeat(cell_low, 8, 0), 8, 1)))
         stain = rng.uniform(0.9, 1.05, 3)
-        img = _render_slide(rng, size, domain_px, cell_px, stain)
+        ecm_low = _smooth_field(rng, (size // 8, size // 8), 1, scale=size / 8 / 8)[0]
+        ecm_px = 1 / (1 + np.exp(-2 * np.repeat(np.repeat(ecm_low, 8, 0), 8, 1)))
+        img = _render_slide(rng, size, domain_px, cell_px, ecm_px, stain)
         half = spot_pitch_px // 2
         cy, cx = np.mgrid[0:grid, 0:grid] * spot_pitch_px + half
         cy, cx = cy.ravel(), cx.ravel()
@@ -173,21 +182,29 @@ def toy(
         # composition of each spot: fractions of domains inside its footprint
         frac = np.zeros((len(cy), n_dom))
         cell = np.zeros(len(cy))
+        fib = np.zeros(len(cy))
         patches = np.empty((len(cy), spot_pitch_px, spot_pitch_px, 3), dtype=np.uint8)
         for i, (y, x) in enumerate(zip(cy, cx, strict=True)):
             win = domain_px[y - half : y + half, x - half : x + half]
             frac[i] = np.bincount(win.ravel(), minlength=n_dom) / win.size
             cell[i] = cell_px[y - half : y + half, x - half : x + half].mean()
+            fib[i] = ecm_px[y - half : y + half, x - half : x + half].mean()
             patches[i] = img[y - half : y + half, x - half : x + half]
         stat_rows.append(patch_statistics(patches))
         # counts: negative binomial around the spot's mixture of programmes
-        lib = rng.lognormal(np.log(3000), 0.35, len(cy))
-        log_mu = np.log(base)[None] + frac @ programme + (cell[:, None] * 2 - 1) * prolif[None] * (
-            frac[:, [0]] + 0.2
+        lib = rng.lognormal(np.log(8000), 0.3, len(cy))
+        # domain programmes, plus two programmes that act within one domain only (an interaction that a
+        # linear read-out of the image cannot express): proliferation ∝ cellularity in tumour, matrix genes
+        # ∝ fibre density in stroma
+        log_mu = (
+            np.log(base)[None]
+            + frac @ programme
+            + (cell[:, None] * 2 - 1) * prolif[None] * frac[:, [0]]
+            + (fib[:, None] * 2 - 1) * ecm[None] * frac[:, [1]]
         )
         mu = np.exp(log_mu)
         mu = mu / mu.sum(1, keepdims=True) * lib[:, None]
-        r = 4.0
+        r = 10.0
         lam = rng.gamma(r, mu / r)
         counts.append(sp.csr_matrix(rng.poisson(lam).astype(np.float32)))
         spatial.append(np.stack([cx, cy], 1).astype(np.float64))
@@ -197,6 +214,7 @@ def toy(
                     _keys.SLIDE: name,
                     _keys.DOMAIN: np.asarray(DOMAINS)[dom],
                     "cellularity": cell.astype(np.float32),
+                    "fibre_density": fib.astype(np.float32),
                     "array_row": np.repeat(np.arange(grid), grid),
                     "array_col": np.tile(np.arange(grid), grid),
                 },
@@ -242,5 +260,6 @@ def _gene_names(n_genes: int) -> list[str]:
     for d in DOMAINS:
         names += [f"{d[:3].upper()}{i + 1}" for i in range(20)]
     names += [f"PROLIF{i + 1}" for i in range(15)]
+    names += [f"ECM{i + 1}" for i in range(10)]
     names += [f"BG{i + 1}" for i in range(n_genes - len(names))]
     return names
