@@ -223,30 +223,30 @@ class TiffReader(ImageReader):
             self._tif.close()
             raise ValueError(f"{str(self.path)!r} has no image series tifffile can read.")
         s0 = series[0]
-        levels = list(s0.levels)
+        levels = [(s0, i) for i in range(len(s0.levels))]
         if len(levels) == 1:  # pyramid written as separate pages (one series per level)
             for s in series[1:]:
-                if s.axes == s0.axes and all(a <= b for a, b in zip(s.shape, levels[-1].shape)) and s.shape != levels[
-                    -1
-                ].shape:
-                    levels.append(s)
+                prev = levels[-1][0].levels[levels[-1][1]].shape
+                if s.axes == s0.axes and s.shape != prev and all(a <= b for a, b in zip(s.shape, prev)):
+                    levels.append((s, 0))
         self._axes = s0.axes
         self._arrays = []
         shapes = []
-        for lev in levels:
-            self._arrays.append(self._open_level(lev))
+        for ser, i in levels:
+            self._arrays.append(self._open_level(ser, i))
+            lev = ser.levels[i]
             ax = lev.axes
             shapes.append((int(lev.shape[ax.index("Y")]), int(lev.shape[ax.index("X")])))
         self.level_shapes = shapes
 
     @staticmethod
-    def _open_level(level):
+    def _open_level(series, level: int):
         import zarr
 
-        z = zarr.open(level.aszarr(), mode="r")
-        if not hasattr(z, "shape"):  # a multiscale group: take the first array
-            z = z[next(iter(z.keys()))]
-        return z, level.axes
+        z = zarr.open(series.aszarr(level=level), mode="r")
+        if not hasattr(z, "shape"):  # pragma: no cover - a group despite `level=`
+            z = z[str(level)]
+        return z, series.levels[level].axes
 
     def embedded_mpp(self) -> float | None:
         page = self._tif.pages[0]
