@@ -14,7 +14,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["routing_weights", "sparsify_weights"]
+__all__ = ["routing_weights", "sparsify_weights", "head_output_bound", "auto_routing_eps", "DEFAULT_ROUTING_ATOL"]
+
+#: Max abs error of a sparse-routed embedding against the dense one that ``routing_eps="auto"`` guarantees.
+DEFAULT_ROUTING_ATOL = 1e-4
 
 
 def routing_weights(
@@ -39,8 +42,10 @@ def routing_weights(
 def sparsify_weights(w: torch.Tensor, eps: float) -> torch.Tensor:
     """Zero the weights below ``eps`` and renormalise rows (the top expert is always kept).
 
-    For unit-norm-bounded expert outputs ``||e_k|| <= R``, the error of the embedding is at most
-    ``2 R · m`` where ``m`` is the dropped mass of that row (``m < (n_experts - 1) · eps``).
+    Error bound: if every expert output satisfies ``|h_e[j]| <= R`` (see :func:`head_output_bound`) and a
+    row drops mass ``m`` (``m < (n_experts - 1) · eps``), the sparse embedding
+    ``Σ_kept w_e h_e / (1 - m)`` differs from the dense ``Σ_e w_e h_e`` by at most
+    ``(m / (1 - m)) · (1 - m) · R + m · R = 2 · m · R`` in every coordinate.
     """
     if eps <= 0:
         return w
@@ -48,6 +53,26 @@ def sparsify_weights(w: torch.Tensor, eps: float) -> torch.Tensor:
     keep[torch.arange(w.shape[0], device=w.device), w.argmax(1)] = True
     w = torch.where(keep, w, torch.zeros_like(w))
     return w / w.sum(1, keepdim=True)
+
+
+def head_output_bound(heads) -> float:
+    """``R = max_e,j |γ_ej| · sqrt(P - 1) + |β_ej|``: a bound on every coordinate of every expert's output.
+
+    Each head ends in a LayerNorm: ``h = γ ⊙ (z - mean(z)) / std(z) + β``. A standardised vector of length
+    ``P`` has squared norm ``P`` (less with LayerNorm's ``eps``), so no coordinate exceeds ``sqrt(P - 1)``
+    in absolute value; hence ``|h_j| <= |γ_j| · sqrt(P - 1) + |β_j|`` whatever the input.
+    """
+    g = heads.ln_weight.detach().abs().double()
+    b = heads.ln_bias.detach().abs().double()
+    p = g.shape[-1]
+    return float((g * np.sqrt(max(p - 1, 1)) + b).max())
+
+
+def auto_routing_eps(n_experts: int, bound: float, atol: float = DEFAULT_ROUTING_ATOL) -> float:
+    """The largest ``eps`` whose :func:`sparsify_weights` error ``2 · (n_experts - 1) · eps · R`` is ``<= atol``."""
+    if n_experts <= 1 or bound <= 0:
+        return 0.0
+    return float(atol / (2.0 * (n_experts - 1) * bound))
 
 
 def numpy_routing(x, centroids, centroid_to_expert, n_experts, tau, distance_scale=1.0) -> np.ndarray:

@@ -287,21 +287,46 @@ class SpadeModel:
             raise ValueError("image features contain NaN or infinite values; drop those spots first.")
         return features
 
-    def _heads_embed(self, which: str, x: np.ndarray, weights: np.ndarray, *, batch_size: int = 8192) -> np.ndarray:
-        """Σ_e w_e · head_e(x) evaluating each expert only on spots with non-zero weight."""
+    def _heads_embed(self, which: str, x, weights: np.ndarray, *, chunk: int = 32768) -> np.ndarray:
+        """Σ_e w_e · head_e(x), evaluating each expert only on the spots with non-zero weight.
+
+        ``x`` is read one chunk of spots at a time (it may be a memmap or another out-of-core array).
+        """
         import torch
 
         heads = getattr(self.pairs_, which)
-        out = np.zeros((len(x), self.proj_dim), dtype=np.float32)
+        out = np.zeros((len(weights), self.proj_dim), dtype=np.float32)
         with torch.no_grad():
-            for e in range(self.n_experts_):
-                rows = np.flatnonzero(weights[:, e] > 0)
-                for s in range(0, len(rows), batch_size):
-                    r = rows[s : s + batch_size]
-                    xe = torch.from_numpy(np.asarray(x[r], dtype=np.float32))
+            for s in range(0, len(weights), chunk):
+                xc = np.asarray(x[s : s + chunk], dtype=np.float32)
+                wc = weights[s : s + chunk]
+                for e in range(self.n_experts_):
+                    rows = np.flatnonzero(wc[:, e] > 0)
+                    if len(rows) == 0:
+                        continue
+                    xe = torch.from_numpy(xc if len(rows) == len(xc) else xc[rows])
                     emb = heads.forward_expert(xe, e).numpy()
-                    out[r] += weights[r, e, None].astype(np.float32) * emb
+                    out[s + rows] += wc[rows, e, None].astype(np.float32) * emb
         return out
+
+    def resolve_routing_eps(self, routing_eps: float | str = "auto", modality: str = "image") -> float:
+        """The routing threshold that ``routing_eps`` stands for (``"auto"``: the largest exact one).
+
+        ``"auto"`` is the largest ``eps`` for which sparse routing changes no coordinate of the embedding by
+        more than 1e-4 (:data:`spade_sc.model._routing.DEFAULT_ROUTING_ATOL`):
+        ``eps = 1e-4 / (2 · (n_experts - 1) · R)``, ``R`` the bound of the heads' LayerNorm outputs
+        (:func:`spade_sc.model._routing.head_output_bound`).
+        """
+        from ._routing import auto_routing_eps, head_output_bound
+
+        self._require_fitted()
+        if isinstance(routing_eps, str):
+            if routing_eps != "auto":
+                raise ValueError(f"`routing_eps` must be a number ≥ 0 or 'auto', got {routing_eps!r}.")
+            heads = getattr(self.pairs_, "image" if modality == "image" else "expression")
+            return auto_routing_eps(self.n_experts_, head_output_bound(heads))
+        check_positive("routing_eps", routing_eps, allow_zero=True)
+        return float(routing_eps)
 
     def get_embedding(
         self,
@@ -311,7 +336,7 @@ class SpadeModel:
         tau: float = 0.1,
         modality: str = "image",
         layer: str | None = None,
-        routing_eps: float = 0.0,
+        routing_eps: float | str = "auto",
         table_key: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Embed spots; returns ``(embedding [n, proj_dim] float32, routing weights [n, n_experts])``.
@@ -322,7 +347,7 @@ class SpadeModel:
 
         self._require_fitted()
         check_choice("modality", modality, ("image", "expression"))
-        check_positive("routing_eps", routing_eps, allow_zero=True)
+        routing_eps = self.resolve_routing_eps(routing_eps, modality)
         adata = check_anndata(get_table(adata, table_key))
         feats = get_rep(adata, use_rep)
         weights = self.route(feats, tau=tau)
