@@ -159,7 +159,9 @@ def _affine(element, coordinate_system: str, what: str) -> np.ndarray:
 
 def _levels(element) -> list:
     """The DataArrays of an image element, finest first."""
-    if hasattr(element, "dims") and hasattr(element, "values"):
+    from xarray import DataArray
+
+    if isinstance(element, DataArray):
         return [element]
     out = []
     for name in sorted(element.keys(), key=lambda s: int("".join(c for c in s if c.isdigit()) or 0)):

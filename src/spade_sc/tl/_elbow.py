@@ -61,7 +61,7 @@ def elbow(
     both curves so that :func:`spade_sc.pl.elbow` can draw them:
 
     - stage 1: for each group, WCSS of k-means of its spots' features for each ``k`` in ``ks`` (``NaN``
-      where the group has fewer spots than ``k``);
+      where the group has fewer distinct spots than ``k``);
     - stage 2: k-means with ``n_prototypes`` clusters per group gives the stage-1 centroids (as in
       :func:`spade_sc.tl.fit_spade`); WCSS of k-means of those centroids for each ``k`` in ``stage2_ks``.
 
@@ -156,7 +156,9 @@ def elbow(
         x = feats[rows].astype(np.float64)
         n_spots[gi] = len(rows)
         tss1[gi] = float(((x - x.mean(0)) ** 2).sum())
-        ok = ks <= len(rows)
+        n_distinct = len(np.unique(x, axis=0)) if len(rows) <= 4 * int(ks.max()) else len(rows)
+        ok = ks < n_distinct
+        wcss1[gi, ks == n_distinct] = 0.0  # one cluster per distinct spot
         if ok.any():
             seed = None if random_state is None else random_state + gi
             wcss1[gi, ok] = wcss_curve(feats[rows], ks[ok], random_state=seed, backend=backend)
@@ -173,7 +175,11 @@ def elbow(
             f"stage 2 clusters {len(cents)} stage-1 centroids ({len(names)} group(s) × `n_prototypes="
             f"{n_prototypes}`), so every k of `stage2_ks` must be ≤ {len(cents)}; got {k2.tolist()}."
         )
-    wcss2 = wcss_curve(cents, k2, random_state=random_state, backend="sklearn")
+    n_distinct = len(np.unique(cents, axis=0))
+    wcss2 = np.zeros(len(k2))  # 0 once every distinct centroid has its own cluster
+    wcss2[k2 > n_distinct] = np.nan
+    if (k2 < n_distinct).any():
+        wcss2[k2 < n_distinct] = wcss_curve(cents, k2[k2 < n_distinct], random_state=random_state, backend="sklearn")
     c64 = cents.astype(np.float64)
     result = {
         "ks": ks,
