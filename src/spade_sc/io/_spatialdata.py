@@ -22,33 +22,28 @@ def lazy_image(path) -> list:
     """
     import dask.array as da
 
-    from ..pp._image_readers import PILReader, TiffReader, open_image
+    from ..pp._image_readers import LazyTiffLevel, PILReader, TiffReader, open_image
 
-    reader = open_image(str(path))
-    out = []
-    if isinstance(reader, TiffReader):
-        for z, axes in reader._arrays:
-            arr = da.from_zarr(z)
-            sl = tuple(slice(None) if a in "YXSC" else 0 for a in axes)
-            kept = [a for a in axes if a in "YXSC"]
-            arr = arr[sl]
-            if "S" in kept or "C" in kept:
-                c = kept.index("S") if "S" in kept else kept.index("C")
-                arr = da.moveaxis(arr, c, 0)[:3]
-            else:
-                arr = arr[None]
-            out.append(arr)
-        return out
-    if isinstance(reader, PILReader):
-        import dask
+    path = str(path)
+    reader = open_image(path)
+    try:
+        if isinstance(reader, TiffReader):
+            out = []
+            for level in range(reader.n_levels):
+                arr = LazyTiffLevel(path, level)
+                out.append(da.from_array(arr, chunks=(3, 2048, 2048), name=f"spade-tiff-{path}-{level}"))
+            return out
+        if isinstance(reader, PILReader):
+            import dask
 
-        h, w = reader.shape
+            h, w = reader.shape
 
-        def load():
-            return np.moveaxis(reader._decoded(0), -1, 0)
+            def load():
+                return np.moveaxis(PILReader(path)._decoded(0), -1, 0)
 
-        out.append(da.from_delayed(dask.delayed(load)(), shape=(3, h, w), dtype=np.uint8))
-        return out
+            return [da.from_delayed(dask.delayed(load)(), shape=(3, h, w), dtype=np.uint8)]
+    finally:
+        reader.close()
     raise TypeError(f"cannot wrap {path!r} lazily.")  # pragma: no cover
 
 

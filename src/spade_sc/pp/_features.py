@@ -12,7 +12,16 @@ from .._logging import log_added, logger
 from .._utils import copy_data, get_table, progress, resolve_device
 from .._validate import check_anndata, check_choice, check_positive
 from ._encoders import IMAGENET_MEAN, IMAGENET_STD, build_encoder, get_encoder_info
-from ._patches import _EDGES, _RESAMPLE, Patches, background, check_edges, iter_patch_batches, resolve_image_sources
+from ._patches import (
+    _EDGES,
+    _RESAMPLE,
+    Patches,
+    background,
+    check_edges,
+    close_sources,
+    iter_patch_batches,
+    resolve_image_sources,
+)
 
 __all__ = ["extract_features"]
 
@@ -226,27 +235,62 @@ def extract_features(
         get_encoder_info(model)  # unknown names fail before anything is read
     table = check_anndata(get_table(adata, table_key))
     n = table.n_obs
+    patch_set, prow, sources = None, None, None
     if patches is not None:
         patch_set, prow = _match_patches(patches, table.obs_names)
         coverage = (prow >= 0).astype(np.float64)
         keep = prow >= 0
         if (~keep).any():
             logger.warning("%d of %d spots have no precomputed patch; their features are NaN", int((~keep).sum()), n)
-        sources = None
     else:
         sources = resolve_image_sources(
             adata, table, image=image, library_id=library_id, library_key=library_key, image_key=image_key,
             spatial_key=spatial_key, source_mpp=source_mpp, coordinate_system=coordinate_system,
         )  # fmt: skip
-        coverage = np.full(n, np.nan)
-        for src in sources:
-            coverage[src.obs_index] = src.plan(patch_size=patch_size, mpp=mpp)[3]
-        keep = check_edges(coverage, table.obs_names, edge=edge, min_coverage=min_coverage)
-    runner = _Runner(
-        model, weights=weights, model_kwargs=model_kwargs, device=device, amp=amp, mean=mean, std=std,
-        input_size=input_size,
-    )  # fmt: skip
+    try:
+        if sources is not None:
+            coverage = np.full(n, np.nan)
+            for src in sources:
+                coverage[src.obs_index] = src.plan(patch_size=patch_size, mpp=mpp)[3]
+            keep = check_edges(coverage, table.obs_names, edge=edge, min_coverage=min_coverage)
+        runner = _Runner(
+            model, weights=weights, model_kwargs=model_kwargs, device=device, amp=amp, mean=mean, std=std,
+            input_size=input_size,
+        )  # fmt: skip
+        feats, n_done, seconds = _encode(
+            runner, sources, patch_set, prow, keep, n, patch_size=patch_size, mpp=mpp, batch_size=batch_size,
+            fill=fill, resample=resample, num_workers=num_workers,
+        )  # fmt: skip
+    finally:
+        close_sources(sources)
 
+    if feats is None:
+        raise ValueError("no spot has a patch to encode (all were masked or missing); check `edge`/`patches`.")
+    logger.info("encoded %d patches in %.1f s (%.1f patches/s)", n_done, seconds, n_done / max(seconds, 1e-9))
+
+    data = copy_data(adata) if copy else adata
+    table = get_table(data, table_key)
+    table.obsm[key_added] = feats
+    table.obs[_keys.PATCH_COVERAGE] = coverage.astype(np.float32)
+    uns_key = _keys.FEATURES_UNS if key_added == _keys.IMAGE_REP else f"{_keys.FEATURES_UNS}_{key_added}"
+    params = {
+        "model": runner.name, "patch_size": int(patch_set.patch_size if sources is None else patch_size),
+        "mpp": float(patch_set.mpp if sources is None else mpp),
+        "source": "patches" if sources is None else "; ".join(s.label for s in sources),
+        "source_mpp": [float(s.mpp) for s in sources] if sources is not None else [],
+        "edge": edge, "min_coverage": float(min_coverage), "fill": int(fill), "resample": resample,
+        "spatial_key": spatial_key, "batch_size": int(batch_size), "device": str(runner.device),
+        "amp": bool(runner.amp), "n_encoded": int(n_done), "n_missing": int(n - n_done),
+    }  # fmt: skip
+    table.uns[uns_key] = {"encoder": runner.describe(weights), "params": params}
+    log_added("obsm", key_added)
+    log_added("obs", _keys.PATCH_COVERAGE)
+    log_added("uns", uns_key)
+    return data if copy else None
+
+
+def _encode(runner, sources, patch_set, prow, keep, n, *, patch_size, mpp, batch_size, fill, resample, num_workers):
+    """Run the encoder over all kept spots; return ``(features or None, n_encoded, seconds)``."""
     feats = None
     n_done = 0
     t0 = time.perf_counter()
@@ -272,29 +316,7 @@ def extract_features(
         bar.close()
         runner.restore()
     seconds = time.perf_counter() - t0
-    if feats is None:
-        raise ValueError("no spot has a patch to encode (all were masked or missing); check `edge`/`patches`.")
-    logger.info("encoded %d patches in %.1f s (%.1f patches/s)", n_done, seconds, n_done / max(seconds, 1e-9))
-
-    data = copy_data(adata) if copy else adata
-    table = get_table(data, table_key)
-    table.obsm[key_added] = feats
-    table.obs[_keys.PATCH_COVERAGE] = coverage.astype(np.float32)
-    uns_key = _keys.FEATURES_UNS if key_added == _keys.IMAGE_REP else f"{_keys.FEATURES_UNS}_{key_added}"
-    params = {
-        "model": runner.name, "patch_size": int(patch_set.patch_size if sources is None else patch_size),
-        "mpp": float(patch_set.mpp if sources is None else mpp),
-        "source": "patches" if sources is None else "; ".join(s.label for s in sources),
-        "source_mpp": [float(s.mpp) for s in sources] if sources is not None else [],
-        "edge": edge, "min_coverage": float(min_coverage), "fill": int(fill), "resample": resample,
-        "spatial_key": spatial_key, "batch_size": int(batch_size), "device": str(runner.device),
-        "amp": bool(runner.amp), "n_encoded": int(n_done), "n_missing": int(n - n_done),
-    }  # fmt: skip
-    table.uns[uns_key] = {"encoder": runner.describe(weights), "params": params}
-    log_added("obsm", key_added)
-    log_added("obs", _keys.PATCH_COVERAGE)
-    log_added("uns", uns_key)
-    return data if copy else None
+    return feats, n_done, seconds
 
 
 def _patch_file_batches(patch_set: Patches, prow: np.ndarray, batch_size: int):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ImageReader", "ArrayReader", "PILReader", "TiffReader", "open_image"]
+__all__ = ["ImageReader", "ArrayReader", "PILReader", "TiffReader", "LazyTiffLevel", "open_image"]
 
 _TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".ome.tif", ".ome.tiff")
 _PIL_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -294,6 +294,38 @@ class TiffReader(ImageReader):
 
     def __del__(self):
         self.close()
+
+
+class LazyTiffLevel:
+    """Array-like ``(3, y, x)`` view of one TIFF pyramid level that opens the file for each read.
+
+    Wrapped with :func:`dask.array.from_array` it gives lazy SpatialData images that hold no open file
+    handle between reads.
+    """
+
+    def __init__(self, path, level: int):
+        self.path = str(path)
+        self.level = level
+        with TiffReader(path) as r:
+            h, w = r.level_shapes[level]
+        self.shape = (3, h, w)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 3
+
+    def __getitem__(self, index):
+        if not isinstance(index, tuple):
+            index = (index,)
+        index = index + (slice(None),) * (3 - len(index))
+        cs, ys, xs = (i if isinstance(i, slice) else slice(i, i + 1) for i in index)
+        y0, y1, _ = ys.indices(self.shape[1])
+        x0, x1, _ = xs.indices(self.shape[2])
+        with TiffReader(self.path) as r:
+            reg = r.read_region(self.level, x0, y0, max(x1 - x0, 0), max(y1 - y0, 0))
+        out = np.moveaxis(reg, -1, 0)[cs]
+        if ys.step not in (None, 1) or xs.step not in (None, 1):
+            out = out[:, :: ys.step or 1, :: xs.step or 1]
+        squeeze = tuple(ax for ax, i in enumerate(index) if not isinstance(i, slice))
+        return out.squeeze(squeeze) if squeeze else out
 
 
 def open_image(image, *, channels_first: bool | None = None) -> ImageReader:

@@ -83,6 +83,7 @@ class SpotImageSource:
     mpp: float  # µm per level-0 pixel
     obs_index: np.ndarray  # rows of the table
     label: str
+    owned: bool = True  # opened here (closed by `close_sources`), not passed in by the caller
 
     def plan(self, *, patch_size: int, mpp: float):
         corners, side = patch_windows(self.centres, patch_size=patch_size, mpp=mpp, source_mpp=self.mpp)
@@ -177,7 +178,8 @@ def resolve_image_sources(
         mpp = source_mpp or _uns_mpp(table, library_id) or reader.embedded_mpp()
         if mpp is None:
             raise _no_mpp_error("`image`")
-        return [SpotImageSource(reader, _centres(table, spatial_key), float(mpp), everything, reader.name)]
+        owned = not isinstance(image, ImageReader)
+        return [SpotImageSource(reader, _centres(table, spatial_key), float(mpp), everything, reader.name, owned)]
     if is_spatialdata(data):
         return [_spatialdata_source(data, table, image_key, spatial_key, source_mpp, coordinate_system)]
     spatial = table.uns.get("spatial")
@@ -216,6 +218,13 @@ def resolve_image_sources(
                 raise _no_mpp_error(f"library {lib!r}")
         sources.append(SpotImageSource(reader, _centres(table, spatial_key, rows) * scale, full_mpp / scale, rows, label))
     return sources
+
+
+def close_sources(sources) -> None:
+    """Close the readers that :func:`resolve_image_sources` opened."""
+    for src in sources or []:
+        if src.owned:
+            src.reader.close()
 
 
 def _spatialdata_source(sdata, table, image_key, spatial_key, source_mpp, coordinate_system):
@@ -570,16 +579,19 @@ def extract_patches(
         adata, table, image=image, library_id=library_id, library_key=library_key, image_key=image_key,
         spatial_key=spatial_key, source_mpp=source_mpp, coordinate_system=coordinate_system,
     )  # fmt: skip
-    coverage, corners_full = _coverage_and_corners(sources, table.n_obs, patch_size=patch_size, mpp=mpp)
-    keep = check_edges(coverage, table.obs_names, edge=edge, min_coverage=min_coverage)
-    rows = np.flatnonzero(keep)
-    images = np.empty((len(rows), patch_size, patch_size, 3), dtype=np.uint8)
-    pos = np.full(table.n_obs, -1)
-    pos[rows] = np.arange(len(rows))
-    for idx, batch in iter_patch_batches(
-        sources, patch_size=patch_size, mpp=mpp, batch_size=64, keep=keep, fill=fill, resample=resample
-    ):
-        images[pos[idx]] = batch
+    try:
+        coverage, corners_full = _coverage_and_corners(sources, table.n_obs, patch_size=patch_size, mpp=mpp)
+        keep = check_edges(coverage, table.obs_names, edge=edge, min_coverage=min_coverage)
+        rows = np.flatnonzero(keep)
+        images = np.empty((len(rows), patch_size, patch_size, 3), dtype=np.uint8)
+        pos = np.full(table.n_obs, -1)
+        pos[rows] = np.arange(len(rows))
+        for idx, batch in iter_patch_batches(
+            sources, patch_size=patch_size, mpp=mpp, batch_size=64, keep=keep, fill=fill, resample=resample
+        ):
+            images[pos[idx]] = batch
+    finally:
+        close_sources(sources)
     return Patches(
         images, table.obs_names[rows], coords=corners_full[rows], coverage=coverage[rows], mpp=mpp,
         source=", ".join(s.label for s in sources),
