@@ -26,6 +26,22 @@ from ._patches import (
 __all__ = ["extract_features"]
 
 
+_CACHE: dict = {}
+
+
+def _cached_encoder(name, weights, model_kwargs):
+    """Build a registry encoder, reusing the last one built with the same arguments (one is kept)."""
+    wkey = None
+    if weights is not None:
+        p = Path(weights)
+        wkey = (str(p.resolve()), p.stat().st_mtime_ns if p.is_file() else None)
+    key = (get_encoder_info(name).name, wkey, repr(sorted((model_kwargs or {}).items())))
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = build_encoder(name, weights=weights, model_kwargs=model_kwargs)
+    return _CACHE[key]
+
+
 class _Runner:
     """uint8 ``(n, h, w, 3)`` batches → float32 ``(n, d)`` features, for a torch module or a plain callable."""
 
@@ -36,7 +52,7 @@ class _Runner:
         self.callable = None
         self.module = None
         if isinstance(model, str):
-            self.module, self.info = build_encoder(model, weights=weights, model_kwargs=model_kwargs)
+            self.module, self.info = _cached_encoder(model, weights, model_kwargs)
             mean = mean or self.info.mean
             std = std or self.info.std
             input_size = input_size or self.info.input_size
