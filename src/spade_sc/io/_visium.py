@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -66,10 +67,18 @@ def read_visium(
         )
     if not (path / "spatial").is_dir():
         raise FileNotFoundError(f"{str(path / 'spatial')!r} does not exist; is this Space Ranger output?")
-    adata = sq.read.visium(
-        path, counts_file=counts_file, library_id=library_id, load_images=load_images,
-        source_image_path=source_image_path,
-    )  # fmt: skip
+    if library_id is None and counts_file.endswith(".h5"):
+        import h5py
+
+        with h5py.File(path / counts_file, "r") as f:
+            if "library_ids" not in f.attrs:  # not written by Space Ranger: name the library after the folder
+                library_id = (path.parent.name if path.name == "outs" else path.name) or "visium"
+    with warnings.catch_warnings():  # duplicated gene symbols are made unique right below
+        warnings.filterwarnings("ignore", message="Variable names are not unique", category=UserWarning)
+        adata = sq.read.visium(
+            path, counts_file=counts_file, library_id=library_id, load_images=load_images,
+            source_image_path=source_image_path,
+        )  # fmt: skip
     adata.var_names_make_unique()
     lib = next(iter(adata.uns["spatial"]))
     entry = adata.uns["spatial"][lib]
