@@ -20,8 +20,18 @@ from safetensors.torch import load_file
 
 import spade_sc as ss
 
-FIT = {"n_prototypes": 4, "n_experts": 2, "proj_dim": 16, "max_epochs": 6, "batch_size": 32, "patience": 3,
-       "lr": 1e-3, "batch_key": "slide", "device": "cpu", "random_state": 3}
+FIT = {
+    "n_prototypes": 4,
+    "n_experts": 2,
+    "proj_dim": 16,
+    "max_epochs": 6,
+    "batch_size": 32,
+    "patience": 3,
+    "lr": 1e-3,
+    "batch_key": "slide",
+    "device": "cpu",
+    "random_state": 3,
+}
 
 _CHILD = textwrap.dedent(
     """
@@ -70,7 +80,10 @@ def _run(tmp_path, mode):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, str(script), mode, str(tmp_path / "ckpt"), str(tmp_path), json.dumps(FIT)],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
 
 
@@ -105,7 +118,10 @@ def test_sigkill_and_resume_gives_identical_weights(tmp_path):
     np.testing.assert_array_equal(np.asarray(h_res["train_loss"]), np.asarray(h_ref["train_loss"]))
     assert len(h_res["epoch"]) == FIT["max_epochs"] * FIT["n_experts"]
     # nothing half-written is left behind
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["trainer_state.json", "trainer_state.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "trainer_state.json",
+        "trainer_state.safetensors",
+    ]
 
 
 # ------------------------------------------------------------------------------- in-process checks

@@ -61,7 +61,7 @@ def _same(a, b, where: str) -> None:
         np.testing.assert_array_equal(a, b, err_msg=where)
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _same(x, y, f"{where}[{i}]")
     elif isinstance(a, float) and np.isnan(a):
         assert isinstance(b, float) and np.isnan(b), where
@@ -118,7 +118,9 @@ def _as_float(a):
 
 # ------------------------------------------------------------------------------------------ features
 def test_features_missing_fit(adata):
-    expect_error(adata, lambda a: ss.tl.fit_spade(a, use_rep="X_uni", **FIT), KeyError, "run `ss.pp.extract_features`")
+    expect_error(
+        adata, lambda a: ss.tl.fit_spade(a, use_rep="X_uni", **FIT), KeyError, "run `ss.pp.extract_features`"
+    )
 
 
 def test_features_missing_embed(adata, model):
@@ -144,7 +146,9 @@ def test_inf_features_embed(adata, model):
 def test_negative_counts(adata):
     _as_float(adata)
     adata.X.data[:3] = -1.0
-    expect_error(adata, lambda a: ss.tl.fit_spade(a, **FIT), ValueError, "negative.*pass `layer=` naming raw counts")
+    expect_error(
+        adata, lambda a: ss.tl.fit_spade(a, **FIT), ValueError, "negative.*pass `layer=` naming raw counts"
+    )
 
 
 def test_non_integer_counts_fit(adata):
@@ -169,7 +173,10 @@ def test_non_integer_counts_expression_embedding(adata, model):
     _as_float(adata)
     adata.X.data *= 0.5
     expect_error(
-        adata, lambda a: ss.tl.embed(a, model, modality="expression"), ValueError, "pass `layer=` naming raw counts"
+        adata,
+        lambda a: ss.tl.embed(a, model, modality="expression"),
+        ValueError,
+        "pass `layer=` naming raw counts",
     )
 
 
@@ -205,7 +212,9 @@ def test_expert_with_too_few_spots(adata):
     x[-1] += 1e3  # one far outlier becomes a prototype, and an expert, of its own
     adata.obsm["X_image"] = x
     expect_error(
-        adata, lambda a: ss.tl.fit_spade(a, **(FIT | {"n_prototypes": 2, "val_fraction": 0.0})), ValueError,
+        adata,
+        lambda a: ss.tl.fit_spade(a, **(FIT | {"n_prototypes": 2, "val_fraction": 0.0})),
+        ValueError,
         r"expert\(s\) \{1: 1\}.*lower `n_experts`",
     )
 
@@ -216,37 +225,52 @@ def test_group_with_too_few_spots(adata):
     with pytest.warns(UserWarning, match="group .*B.* has only 1 distinct"):
         expect_error(
             adata,
-            lambda a: ss.tl.fit_spade(a, group_key="organ", **(FIT | {"n_prototypes": 3, "n_experts": 5,
-                                                                         "val_fraction": 0.0})),
-            ValueError, "lower `n_experts` to ≤ 4",
+            lambda a: ss.tl.fit_spade(
+                a, group_key="organ", **(FIT | {"n_prototypes": 3, "n_experts": 5, "val_fraction": 0.0})
+            ),
+            ValueError,
+            "lower `n_experts` to ≤ 4",
         )
 
 
 def test_more_prototypes_than_spots(adata):
     few = adata[:10].copy()
-    expect_error(few, lambda a: ss.tl.fit_spade(a, **(FIT | {"n_prototypes": 20})), ValueError, "lower `n_prototypes`")
+    expect_error(
+        few, lambda a: ss.tl.fit_spade(a, **(FIT | {"n_prototypes": 20})), ValueError, "lower `n_prototypes`"
+    )
 
 
 def test_more_experts_than_prototypes(adata):
-    expect_error(adata, lambda a: ss.tl.fit_spade(a, **(FIT | {"n_experts": 5})), ValueError, "lower `n_experts`")
+    expect_error(
+        adata, lambda a: ss.tl.fit_spade(a, **(FIT | {"n_experts": 5})), ValueError, "lower `n_experts`"
+    )
 
 
 # ------------------------------------------------------------------------------------------ unknown keys
 def test_unknown_batch_key(adata):
-    info = expect_error(adata, lambda a: ss.tl.fit_spade(a, batch_key="sample", **FIT), KeyError, "pass one of")
+    info = expect_error(
+        adata, lambda a: ss.tl.fit_spade(a, batch_key="sample", **FIT), KeyError, "pass one of"
+    )
     assert "'slide'" in str(info.value)
     expect_error(adata, lambda a: ss.pp.select_genes(a, batch_key="sample"), KeyError, "pass one of")
 
 
 def test_unknown_group_key(adata):
-    expect_error(adata, lambda a: ss.tl.fit_spade(a, group_key="organ", **FIT), KeyError, "`group_key='organ'`.*pass one of")
+    expect_error(
+        adata,
+        lambda a: ss.tl.fit_spade(a, group_key="organ", **FIT),
+        KeyError,
+        "`group_key='organ'`.*pass one of",
+    )
 
 
 def test_missing_batch_values(adata):
     s = adata.obs["slide"].astype(object)
     s.iloc[0] = None
     adata.obs["slide"] = s
-    expect_error(adata, lambda a: ss.tl.fit_spade(a, batch_key="slide", **FIT), ValueError, "fill or drop them")
+    expect_error(
+        adata, lambda a: ss.tl.fit_spade(a, batch_key="slide", **FIT), ValueError, "fill or drop them"
+    )
 
 
 def test_unknown_layer(adata):
@@ -276,7 +300,10 @@ def test_feature_dim_differs_from_model(adata, model):
 def test_gene_panel_differs_from_model(adata, model):
     other = adata[:, 10:].copy()
     expect_error(
-        other, lambda a: ss.tl.embed(a, model, modality="expression"), ValueError, "10 of the model's 300 genes.*genes_"
+        other,
+        lambda a: ss.tl.embed(a, model, modality="expression"),
+        ValueError,
+        "10 of the model's 300 genes.*genes_",
     )
 
 
@@ -294,20 +321,28 @@ def test_non_positive_tau(adata, model, tau):
 @pytest.mark.parametrize("temperature", [0, -1.0])
 def test_non_positive_temperature(adata, temperature):
     expect_error(
-        adata, lambda a: ss.tl.fit_spade(a, **(FIT | {"temperature": temperature})), ValueError,
+        adata,
+        lambda a: ss.tl.fit_spade(a, **(FIT | {"temperature": temperature})),
+        ValueError,
         "`temperature` must be > 0",
     )
 
 
 def test_bad_hyperparameters(adata):
-    expect_error(adata, lambda a: ss.tl.fit_spade(a, **(FIT | {"val_fraction": 1.0})), ValueError, r"in \[0, 1\)")
-    expect_error(adata, lambda a: ss.tl.fit_spade(a, **(FIT | {"random_state": "0"})), TypeError, "integer or None")
+    expect_error(
+        adata, lambda a: ss.tl.fit_spade(a, **(FIT | {"val_fraction": 1.0})), ValueError, r"in \[0, 1\)"
+    )
+    expect_error(
+        adata, lambda a: ss.tl.fit_spade(a, **(FIT | {"random_state": "0"})), TypeError, "integer or None"
+    )
     with pytest.raises(TypeError, match="known:"):
         ss.SpadeModel(n_protoypes=4)
 
 
 def test_negative_routing_eps(adata, model):
-    expect_error(adata, lambda a: ss.tl.embed(a, model, routing_eps=-0.1), ValueError, "`routing_eps` must be ≥ 0")
+    expect_error(
+        adata, lambda a: ss.tl.embed(a, model, routing_eps=-0.1), ValueError, "`routing_eps` must be ≥ 0"
+    )
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -318,9 +353,12 @@ def test_spots_outside_the_image(adata):
     adata.obsm["spatial"] = adata.obsm["spatial"] + 5000.0
     expect_error(adata, lambda a: ss.pp.extract_patches(a, edge="raise", **PATCH), ValueError, "edge='mask'")
     expect_error(
-        adata, lambda a: ss.pp.extract_features(a, model=lambda b: b.reshape(len(b), -1)[:, :4].astype(float),
-                                                edge="raise", **PATCH),
-        ValueError, "drop those spots",
+        adata,
+        lambda a: ss.pp.extract_features(
+            a, model=lambda b: b.reshape(len(b), -1)[:, :4].astype(float), edge="raise", **PATCH
+        ),
+        ValueError,
+        "drop those spots",
     )
 
 
@@ -336,7 +374,9 @@ def test_unknown_pixel_size(adata):
     expect_error(adata, lambda a: ss.pp.extract_patches(a, **PATCH), ValueError, "pass `source_mpp=`")
 
 
-@pytest.mark.xfail(reason="pp._patches does not validate a recorded microns_per_pixel (raw numpy/zero-division errors)")
+@pytest.mark.xfail(
+    reason="pp._patches does not validate a recorded microns_per_pixel (raw numpy/zero-division errors)"
+)
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
 def test_corrupt_recorded_pixel_size(adata, bad):
     for lib in adata.uns["spatial"]:
@@ -345,7 +385,9 @@ def test_corrupt_recorded_pixel_size(adata, bad):
 
 
 def test_unknown_encoder(adata):
-    expect_error(adata, lambda a: ss.pp.extract_features(a, model="uni3", **PATCH), ValueError, "choose one of")
+    expect_error(
+        adata, lambda a: ss.pp.extract_features(a, model="uni3", **PATCH), ValueError, "choose one of"
+    )
 
 
 # ------------------------------------------------------------------------------------------ model directories

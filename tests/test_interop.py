@@ -43,8 +43,17 @@ class _Bleep(nn.Module):
 
 def _np_head(sd: dict, prefix: str, x: np.ndarray) -> np.ndarray:
     """BLEEP head forward in float64 NumPy: LayerNorm(fc(GELU(p)) + p), p = projection(x)."""
-    g = {k: sd[prefix + k].double().numpy() for k in
-         ("projection.weight", "projection.bias", "fc.weight", "fc.bias", "layer_norm.weight", "layer_norm.bias")}
+    g = {
+        k: sd[prefix + k].double().numpy()
+        for k in (
+            "projection.weight",
+            "projection.bias",
+            "fc.weight",
+            "fc.bias",
+            "layer_norm.weight",
+            "layer_norm.bias",
+        )
+    }
     p = x @ g["projection.weight"].T + g["projection.bias"]
     h = 0.5 * p * (1 + erf(p / np.sqrt(2)))
     h = h @ g["fc.weight"].T + g["fc.bias"] + p
@@ -74,7 +83,14 @@ def release(tmp_path):
     np.save(tmp_path / "centroids.npy", centroids)
     np.save(tmp_path / "reassigned_clusters.npy", c2e)
     genes = [f"g{i}" for i in range(G)]
-    return {"files": files, "states": states, "centroids": centroids, "c2e": c2e, "genes": genes, "dir": tmp_path}
+    return {
+        "files": files,
+        "states": states,
+        "centroids": centroids,
+        "c2e": c2e,
+        "genes": genes,
+        "dir": tmp_path,
+    }
 
 
 def _adata(release, n=40, seed=1):
@@ -149,7 +165,9 @@ def test_expression_normalize_option(release):
 def test_arrays_instead_of_files_and_tl_embed(release):
     m1 = _import(release)
     m2 = ss.SpadeModel.from_spade_checkpoints(
-        [str(f) for f in release["files"]], release["centroids"], release["c2e"].astype(np.float64),
+        [str(f) for f in release["files"]],
+        release["centroids"],
+        release["c2e"].astype(np.float64),
         genes=release["genes"],
     )
     adata = _adata(release)
@@ -187,9 +205,13 @@ def test_bare_state_dict_and_dataparallel_prefix(release, tmp_path):
         p = tmp_path / f"bare_{e}.pt"
         torch.save({"module." + k: v for k, v in sd.items()} if e % 2 else dict(sd), p)
         files.append(p)
-    model = ss.SpadeModel.from_spade_checkpoints(files, release["centroids"], release["c2e"], genes=release["genes"])
+    model = ss.SpadeModel.from_spade_checkpoints(
+        files, release["centroids"], release["c2e"], genes=release["genes"]
+    )
     adata = _adata(release)
-    np.testing.assert_array_equal(model.get_embedding(adata, tau=1.0)[0], _import(release).get_embedding(adata, tau=1.0)[0])
+    np.testing.assert_array_equal(
+        model.get_embedding(adata, tau=1.0)[0], _import(release).get_embedding(adata, tau=1.0)[0]
+    )
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -207,13 +229,17 @@ def test_expert_index_out_of_range(release, tmp_path):
     bad = release["c2e"].copy()
     bad[0] = E
     with pytest.raises(ValueError, match="one file per expert"):
-        ss.SpadeModel.from_spade_checkpoints(release["files"], release["centroids"], bad, genes=release["genes"])
+        ss.SpadeModel.from_spade_checkpoints(
+            release["files"], release["centroids"], bad, genes=release["genes"]
+        )
 
 
 def test_expert_without_centroid(release):
     bad = np.array([0, 1, 0, 0, 1, 1, 1])
     with pytest.raises(ValueError, match=r"expert\(s\) \[2\] own no centroid"):
-        ss.SpadeModel.from_spade_checkpoints(release["files"], release["centroids"], bad, genes=release["genes"])
+        ss.SpadeModel.from_spade_checkpoints(
+            release["files"], release["centroids"], bad, genes=release["genes"]
+        )
 
 
 def test_centroid_dim_mismatch(release):
@@ -242,7 +268,10 @@ def test_missing_heads(release, tmp_path):
 def test_missing_file_and_single_path(release, tmp_path):
     with pytest.raises(FileNotFoundError, match="one `.pt` file per expert"):
         ss.SpadeModel.from_spade_checkpoints(
-            [tmp_path / "nope.pt", *release["files"][1:]], release["centroids"], release["c2e"], genes=release["genes"]
+            [tmp_path / "nope.pt", *release["files"][1:]],
+            release["centroids"],
+            release["c2e"],
+            genes=release["genes"],
         )
     with pytest.raises(TypeError, match="list of paths"):
         ss.SpadeModel.from_spade_checkpoints(
@@ -263,4 +292,6 @@ def test_object_npy_refused(release, tmp_path):
     p = tmp_path / "obj.npy"
     np.save(p, np.array([{"a": 1}] * K, dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="does not unpickle"):
-        ss.SpadeModel.from_spade_checkpoints(release["files"], release["centroids"], p, genes=release["genes"])
+        ss.SpadeModel.from_spade_checkpoints(
+            release["files"], release["centroids"], p, genes=release["genes"]
+        )

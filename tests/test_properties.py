@@ -46,12 +46,19 @@ def _routing_problem(seed, n, k, d, e):
 
 
 def _route(x, c, c2e, e, tau, scale=1.0):
-    return routing_weights(torch.from_numpy(x), torch.from_numpy(c), torch.from_numpy(c2e), e, tau, scale).numpy()
+    return routing_weights(
+        torch.from_numpy(x), torch.from_numpy(c), torch.from_numpy(c2e), e, tau, scale
+    ).numpy()
 
 
 routing_args = dict(
-    seed=seeds, n=st.integers(1, 30), k=st.integers(1, 12), d=st.integers(1, 8), e_frac=st.floats(0, 1),
-    tau=st.floats(0.05, 20), scale=st.floats(0.1, 10),
+    seed=seeds,
+    n=st.integers(1, 30),
+    k=st.integers(1, 12),
+    d=st.integers(1, 8),
+    e_frac=st.floats(0, 1),
+    tau=st.floats(0.05, 20),
+    scale=st.floats(0.1, 10),
 )
 
 
@@ -77,14 +84,16 @@ def test_routing_equivariant_to_spot_order(seed, n, k, d, e_frac, tau, scale, pe
     e = _e(k, e_frac)
     x, c, c2e = _routing_problem(seed, n, k, d, e)
     perm = np.random.default_rng(perm_seed).permutation(n)
-    np.testing.assert_allclose(_route(x[perm], c, c2e, e, tau, scale), _route(x, c, c2e, e, tau, scale)[perm],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        _route(x[perm], c, c2e, e, tau, scale), _route(x, c, c2e, e, tau, scale)[perm], atol=1e-6
+    )
 
 
 @FAST
 @given(**routing_args, perm_seed=seeds)
-def test_routing_invariant_to_centroid_order_and_equivariant_to_expert_labels(seed, n, k, d, e_frac, tau, scale,
-                                                                              perm_seed):
+def test_routing_invariant_to_centroid_order_and_equivariant_to_expert_labels(
+    seed, n, k, d, e_frac, tau, scale, perm_seed
+):
     e = _e(k, e_frac)
     x, c, c2e = _routing_problem(seed, n, k, d, e)
     rng = np.random.default_rng(perm_seed)
@@ -140,10 +149,14 @@ def test_sparsified_weights_stay_on_the_simplex(seed, n, k, d, e_frac, tau, scal
 # ------------------------------------------------------------------------------------------ the loss
 def _loss_problem(seed, e, b, p):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(e, b, p, generator=g, dtype=torch.float64), torch.randn(e, b, p, generator=g, dtype=torch.float64)
+    return torch.randn(e, b, p, generator=g, dtype=torch.float64), torch.randn(
+        e, b, p, generator=g, dtype=torch.float64
+    )
 
 
-loss_args = dict(seed=seeds, e=st.integers(1, 4), b=st.integers(1, 12), p=st.integers(1, 8), t=st.floats(0.1, 5))
+loss_args = dict(
+    seed=seeds, e=st.integers(1, 4), b=st.integers(1, 12), p=st.integers(1, 8), t=st.floats(0.1, 5)
+)
 
 
 @FAST
@@ -159,11 +172,13 @@ def test_loss_invariant_to_spot_order_within_a_batch(seed, e, b, p, t, perm_seed
 @FAST
 @given(**loss_args, rot_seed=seeds)
 def test_loss_invariant_to_a_common_rotation_of_the_joint_space(seed, e, b, p, t, rot_seed):
-    """The loss sees the embeddings only through inner products, so rotating both modalities changes nothing."""
+    """The loss sees embeddings only through inner products: rotating both modalities changes nothing."""
     img, expr = _loss_problem(seed, e, b, p)
     q, _ = np.linalg.qr(np.random.default_rng(rot_seed).normal(size=(p, p)))
     q = torch.from_numpy(q)
-    torch.testing.assert_close(soft_clip_loss(img @ q, expr @ q, t), soft_clip_loss(img, expr, t), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        soft_clip_loss(img @ q, expr @ q, t), soft_clip_loss(img, expr, t), rtol=1e-5, atol=1e-6
+    )
 
 
 @FAST
@@ -184,7 +199,9 @@ def test_loss_of_each_expert_depends_on_its_own_batch_only(seed, e, b, p, t):
     other_img, other_expr = _loss_problem(seed + 7, e, b, p)
     img2, expr2 = img.clone(), expr.clone()
     img2[1:], expr2[1:] = other_img[1:], other_expr[1:]
-    torch.testing.assert_close(soft_clip_loss(img2, expr2, t)[0], soft_clip_loss(img, expr, t)[0], rtol=0, atol=0)
+    torch.testing.assert_close(
+        soft_clip_loss(img2, expr2, t)[0], soft_clip_loss(img, expr, t)[0], rtol=0, atol=0
+    )
 
 
 # ------------------------------------------------------------------------------------------ gene panel
@@ -210,8 +227,13 @@ def _selected(adata, n_top):
     return out.var["spade_gene"]
 
 
-panel_args = dict(seed=seeds, n_batches=st.integers(1, 3), spots=st.integers(12, 30), genes=st.integers(12, 40),
-                  n_top=st.integers(1, 8))
+panel_args = dict(
+    seed=seeds,
+    n_batches=st.integers(1, 3),
+    spots=st.integers(12, 30),
+    genes=st.integers(12, 40),
+    n_top=st.integers(1, 8),
+)
 
 
 def _no_duplicate_genes(adata):
@@ -258,8 +280,9 @@ def test_gene_panel_is_shared_and_grows_with_n_top(seed, n_batches, spots, genes
 @pytest.fixture(scope="module")
 def fitted():
     adata = ss.datasets.toy(random_state=4, n_slides=2, grid=8)
-    model = ss.tl.fit_spade(adata.copy(), n_prototypes=4, n_experts=3, proj_dim=8, max_epochs=1, batch_size=64,
-                            device="cpu")
+    model = ss.tl.fit_spade(
+        adata.copy(), n_prototypes=4, n_experts=3, proj_dim=8, max_epochs=1, batch_size=64, device="cpu"
+    )
     return adata, model
 
 

@@ -1,4 +1,4 @@
-"""Nothing spade_sc loads can run code: our format is safetensors + JSON, foreign torch files use weights_only.
+"""Nothing spade_sc loads can run code: our format is safetensors + JSON; foreign torch files: weights_only.
 
 A "malicious" pickle here is one whose unpickling calls ``os.mkdir(marker)``: harmless, but observable. Each
 test checks that the loader refuses it with a clear error and that the marker was never created; one control
@@ -36,8 +36,14 @@ class _Payload:
 
 
 def _head(d, p=4):
-    return {"projection.weight": torch.randn(p, d), "projection.bias": torch.randn(p), "fc.weight": torch.randn(p, p),
-            "fc.bias": torch.randn(p), "layer_norm.weight": torch.ones(p), "layer_norm.bias": torch.zeros(p)}
+    return {
+        "projection.weight": torch.randn(p, d),
+        "projection.bias": torch.randn(p),
+        "fc.weight": torch.randn(p, p),
+        "fc.bias": torch.randn(p),
+        "layer_norm.weight": torch.ones(p),
+        "layer_norm.bias": torch.zeros(p),
+    }
 
 
 def _malicious_pt(path: Path, marker: Path) -> Path:
@@ -105,12 +111,14 @@ def test_pickle_disguised_as_training_checkpoint_is_refused(fitted, tmp_path):
     assert not marker.exists()
 
 
-# ------------------------------------------------------------------------------------------ foreign torch files
+# ------------------------------------------------------------------------------------- foreign torch files
 def test_malicious_release_checkpoint_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     evil = _malicious_pt(tmp_path / "expert_0.pt", marker)
     with pytest.raises(ValueError, match="refused to load.*weights_only=True"):
-        ss.SpadeModel.from_spade_checkpoints([evil], np.zeros((2, 6), np.float32), np.zeros(2, int), genes=list("abcde"))
+        ss.SpadeModel.from_spade_checkpoints(
+            [evil], np.zeros((2, 6), np.float32), np.zeros(2, int), genes=list("abcde")
+        )
     assert not marker.exists()
     # control: the file really is malicious, an unguarded torch.load runs its code
     torch.load(evil, weights_only=False)
@@ -158,11 +166,17 @@ def test_no_unsafe_deserialisation_in_the_package():
         for owner, name, kw, line in _calls(tree):
             where = f"{path.relative_to(SRC)}:{line}"
             if owner == "torch" and name == "load":
-                ok = "weights_only" in kw and isinstance(kw["weights_only"], ast.Constant) and kw["weights_only"].value is True
+                ok = (
+                    "weights_only" in kw
+                    and isinstance(kw["weights_only"], ast.Constant)
+                    and kw["weights_only"].value is True
+                )
                 if not ok:
                     problems.append(f"{where}: torch.load without weights_only=True")
             if owner in ("pickle", "cPickle", "dill", "joblib", "cloudpickle") and name in ("load", "loads"):
                 problems.append(f"{where}: {owner}.{name}")
-            if "allow_pickle" in kw and not (isinstance(kw["allow_pickle"], ast.Constant) and kw["allow_pickle"].value is False):
+            if "allow_pickle" in kw and not (
+                isinstance(kw["allow_pickle"], ast.Constant) and kw["allow_pickle"].value is False
+            ):
                 problems.append(f"{where}: allow_pickle not False")
     assert not problems, problems

@@ -28,7 +28,14 @@ import numpy as np
 __all__ = ["from_spade_checkpoints", "read_expert_checkpoint"]
 
 _HEADS = {"image": "image_projection.", "expression": "spot_projection."}
-_HEAD_KEYS = ("projection.weight", "projection.bias", "fc.weight", "fc.bias", "layer_norm.weight", "layer_norm.bias")
+_HEAD_KEYS = (
+    "projection.weight",
+    "projection.bias",
+    "fc.weight",
+    "fc.bias",
+    "layer_norm.weight",
+    "layer_norm.bias",
+)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / torch.compile
 
 
@@ -36,13 +43,16 @@ def _load_array(value, name: str, suffix_hint: str) -> np.ndarray:
     if isinstance(value, (str, os.PathLike)):
         path = Path(value)
         if not path.is_file():
-            raise FileNotFoundError(f"`{name}`: no file at {str(path)!r}; pass the path of the authors' {suffix_hint}.")
+            raise FileNotFoundError(
+                f"`{name}`: no file at {str(path)!r}; pass the path of the authors' {suffix_hint}."
+            )
         try:
             # allow_pickle=False: an object array in a .npy would need pickle, which we refuse
             return np.load(path, allow_pickle=False)
         except ValueError as e:
             raise ValueError(
-                f"`{name}`: {str(path)!r} is not a plain numeric .npy array ({e}); spade_sc does not unpickle "
+                f"`{name}`: {str(path)!r} is not a plain numeric .npy array ({e}); spade_sc does not "
+                "unpickle "
                 f"arrays. Re-save it with `np.save(path, np.asarray(arr, dtype=float))`."
             ) from e
     return np.asarray(value)
@@ -78,13 +88,16 @@ def read_expert_checkpoint(path: str | os.PathLike) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(
-            f"refused to load {str(path)!r}: it contains Python objects other than tensors and plain containers, "
+            f"refused to load {str(path)!r}: it contains Python objects other than tensors and plain "
+            "containers, "
             "and unpickling them could run arbitrary code. spade_sc loads checkpoints with "
             "`torch.load(..., weights_only=True)` only. If you trust the file, re-save just its weights: "
             "`torch.save({'model': torch.load(path, weights_only=False)['model']}, new_path)`."
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{str(path)!r} is not a readable PyTorch checkpoint ({e}); the file may be truncated.") from e
+        raise ValueError(
+            f"{str(path)!r} is not a readable PyTorch checkpoint ({e}); the file may be truncated."
+        ) from e
     state = obj.get("model", obj) if isinstance(obj, Mapping) else None
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
@@ -107,7 +120,8 @@ def read_expert_checkpoint(path: str | os.PathLike) -> dict:
         if missing:
             found = sorted({k.split(".")[0] for k in clean})[:10]
             raise ValueError(
-                f"{str(path)!r} has no complete `{prefix}*` head (missing {', '.join(prefix + m for m in missing)}; "
+                f"{str(path)!r} has no complete `{prefix}*` head "
+                f"(missing {', '.join(prefix + m for m in missing)}; "
                 f"top-level names found: {found}); expected a SPADE/BLEEP expert checkpoint."
             )
         for k in _HEAD_KEYS:
@@ -121,13 +135,21 @@ def _head_dims(head: dict, which: str, path) -> tuple[int, int]:
     w1, b1, w2, b2 = (head[k] for k in _HEAD_KEYS[:4])
     g, beta = head["layer_norm.weight"], head["layer_norm.bias"]
     if w1.dim() != 2:
-        raise ValueError(f"`{which}` head in {str(path)!r}: `projection.weight` must be 2-D, got {tuple(w1.shape)}.")
+        raise ValueError(
+            f"`{which}` head in {str(path)!r}: `projection.weight` must be 2-D, got {tuple(w1.shape)}."
+        )
     p, d = w1.shape
-    if tuple(b1.shape) != (p,) or tuple(w2.shape) != (p, p) or tuple(b2.shape) != (p,) or g.shape != b1.shape or (
-        beta.shape != b1.shape
+    if (
+        tuple(b1.shape) != (p,)
+        or tuple(w2.shape) != (p, p)
+        or tuple(b2.shape) != (p,)
+        or g.shape != b1.shape
+        or (beta.shape != b1.shape)
     ):
         raise ValueError(
-            f"`{which}` head in {str(path)!r} has inconsistent shapes ({', '.join(f'{k}: {tuple(head[k].shape)}' for k in _HEAD_KEYS)}); "
+            f"`{which}` head in {str(path)!r} has inconsistent shapes ("
+            + ", ".join(f"{k}: {tuple(head[k].shape)}" for k in _HEAD_KEYS)
+            + "); "
             "the file is not a BLEEP ProjectionHead."
         )
     return int(d), int(p)
@@ -217,14 +239,18 @@ def from_spade_checkpoints(
         raise TypeError("`genes` must be a list of gene names, not a single string.")
     genes = np.asarray([str(g) for g in genes], dtype=str)
     if len(genes) == 0:
-        raise ValueError("`genes` is empty; pass the gene panel the expression heads were trained on, in order.")
+        raise ValueError(
+            "`genes` is empty; pass the gene panel the expression heads were trained on, in order."
+        )
     if len(set(genes)) != len(genes):
         dup = sorted({g for g in genes if (genes == g).sum() > 1})[:5]
         raise ValueError(f"`genes` has duplicated names (e.g. {dup}); pass each gene of the panel once.")
 
     c = _load_array(centroids, "centroids", "centroids.npy")
     if c.ndim != 2 or not np.issubdtype(c.dtype, np.number) or c.shape[0] == 0:
-        raise ValueError(f"`centroids` must be a numeric [K, D] array with K ≥ 1, got shape {c.shape} ({c.dtype}).")
+        raise ValueError(
+            f"`centroids` must be a numeric [K, D] array with K ≥ 1, got shape {c.shape} ({c.dtype})."
+        )
     if not np.isfinite(c).all():
         raise ValueError("`centroids` contains NaN or infinite values; the file is corrupt.")
     c2e = _load_array(centroid_to_expert, "centroid_to_expert", "reassigned_clusters.npy")
@@ -233,19 +259,27 @@ def from_spade_checkpoints(
             f"`centroid_to_expert` must have one entry per centroid ({len(c)}), got shape {c2e.shape}; pass "
             "`reassigned_clusters.npy` from the same release as `centroids.npy`."
         )
-    if not (np.issubdtype(c2e.dtype, np.integer) or (np.issubdtype(c2e.dtype, np.floating) and
-                                                      np.all(np.isfinite(c2e)) and np.all(c2e == np.round(c2e)))):
+    if not (
+        np.issubdtype(c2e.dtype, np.integer)
+        or (
+            np.issubdtype(c2e.dtype, np.floating)
+            and np.all(np.isfinite(c2e))
+            and np.all(c2e == np.round(c2e))
+        )
+    ):
         raise ValueError(f"`centroid_to_expert` must hold integer expert indices, got dtype {c2e.dtype}.")
     c2e = c2e.astype(np.int64)
     if c2e.min() < 0 or c2e.max() >= n_experts:
         raise ValueError(
-            f"`centroid_to_expert` names experts {int(c2e.min())}..{int(c2e.max())} but {n_experts} expert files "
+            f"`centroid_to_expert` names experts {int(c2e.min())}..{int(c2e.max())} but {n_experts} expert "
+            "files "
             f"were given (experts 0..{n_experts - 1}); pass one file per expert, in expert order."
         )
     unused = np.setdiff1d(np.arange(n_experts), c2e)
     if len(unused):
         raise ValueError(
-            f"expert(s) {unused.tolist()} own no centroid in `centroid_to_expert`, so they could never be routed "
+            f"expert(s) {unused.tolist()} own no centroid in `centroid_to_expert`, so they could never be "
+            "routed "
             "to; check that `expert_files` are in expert order and match `reassigned_clusters.npy`."
         )
     if centroid_group is None:
@@ -253,7 +287,9 @@ def from_spade_checkpoints(
     else:
         groups = np.asarray([str(g) for g in centroid_group], dtype=str)
         if len(groups) != len(c):
-            raise ValueError(f"`centroid_group` must have one entry per centroid ({len(c)}), got {len(groups)}.")
+            raise ValueError(
+                f"`centroid_group` must have one entry per centroid ({len(c)}), got {len(groups)}."
+            )
 
     feature_dim = c.shape[1]
     heads = []
@@ -264,17 +300,20 @@ def from_spade_checkpoints(
         d_expr, p_expr = _head_dims(h["expression"], "spot_projection", path)
         if d_img != feature_dim:
             raise ValueError(
-                f"expert {e} ({str(path)!r}) expects {d_img}-d image features but the centroids are {feature_dim}-d; "
+                f"expert {e} ({str(path)!r}) expects {d_img}-d image features but the centroids are "
+                f"{feature_dim}-d; "
                 "pass the centroids of the same release (the same image encoder)."
             )
         if d_expr != len(genes):
             raise ValueError(
-                f"expert {e} ({str(path)!r}) expects {d_expr} genes but `genes` has {len(genes)}; pass the gene "
+                f"expert {e} ({str(path)!r}) expects {d_expr} genes but `genes` has {len(genes)}; pass the "
+                "gene "
                 "panel the model was trained on, in its order."
             )
         if p_img != p_expr or (proj_dim is not None and p_img != proj_dim):
             raise ValueError(
-                f"expert {e} ({str(path)!r}) projects to {p_img}/{p_expr} dimensions (image/expression), other "
+                f"expert {e} ({str(path)!r}) projects to {p_img}/{p_expr} dimensions (image/expression), "
+                "other "
                 f"experts to {proj_dim}; all experts of a release share one joint space."
             )
         proj_dim = p_img
