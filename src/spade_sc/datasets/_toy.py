@@ -37,7 +37,7 @@ def _smooth_field(rng, shape, n_fields, scale):
     return (f - f.mean(axis=(1, 2), keepdims=True)) / f.std(axis=(1, 2), keepdims=True)
 
 
-def _render_slide(rng, size, domain_px, cell_px, ecm_px, stain):
+def _render_slide(rng, size, domain_px, cell_px, ecm_px, illum_px, stain):
     """Render an RGB uint8 H&E-like image from per-pixel domain, cellularity and fibre-density maps."""
     img = np.zeros((size, size, 3), dtype=np.float32)
     for d, name in enumerate(DOMAINS):
@@ -69,7 +69,8 @@ def _render_slide(rng, size, domain_px, cell_px, ecm_px, stain):
         py = np.clip(cy[:, None] + dy[None], 0, size - 1).ravel()
         px = np.clip(cx[:, None] + dx[None], 0, size - 1).ravel()
         img[py, px] = np.asarray(nuc, dtype=np.float32) + rng.normal(0, 8, (len(py), 3))
-    img = img * stain[None, None, :]
+    # uneven illumination / section thickness: a smooth multiplicative field unrelated to the tissue
+    img = img * stain[None, None, :] * illum_px[..., None]
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -104,6 +105,7 @@ def toy(
     n_features: int = 64,
     spot_pitch_px: int = 32,
     feature_gain: float = 1.0,
+    illumination: float = 0.0,
 ) -> AnnData:
     """Synthetic multi-slide spatial transcriptomics with H&E images and known tissue domains.
 
@@ -124,6 +126,9 @@ def toy(
     feature_gain
         Gain of the ``tanh`` expansion of the patch statistics: larger values make the image features a
         more strongly non-linear (saturating) function of the tissue, as deep-encoder features are.
+    illumination
+        Amplitude of a smooth multiplicative illumination field (uneven lighting / section thickness,
+        unrelated to the tissue) applied to the images; 0 disables it.
     spot_pitch_px
         Centre-to-centre spot distance in image pixels (the image is ``grid × pitch`` pixels square,
         at 1 µm/px: the pitch stands for a 32 µm array).
@@ -174,7 +179,9 @@ def toy(
         stain = rng.uniform(0.9, 1.05, 3)
         ecm_low = _smooth_field(rng, (size // 8, size // 8), 1, scale=size / 8 / 8)[0]
         ecm_px = 1 / (1 + np.exp(-2 * np.repeat(np.repeat(ecm_low, 8, 0), 8, 1)))
-        img = _render_slide(rng, size, domain_px, cell_px, ecm_px, stain)
+        illum_low = _smooth_field(rng, (size // 8, size // 8), 1, scale=size / 8 / 5)[0]
+        illum_px = 1.0 + illumination * np.tanh(np.repeat(np.repeat(illum_low, 8, 0), 8, 1))
+        img = _render_slide(rng, size, domain_px, cell_px, ecm_px, illum_px, stain)
         half = spot_pitch_px // 2
         cy, cx = np.mgrid[0:grid, 0:grid] * spot_pitch_px + half
         cy, cx = cy.ravel(), cx.ravel()
