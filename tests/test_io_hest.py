@@ -181,7 +181,9 @@ def test_features_from_wsi_equal_features_from_hest_patches(hest_root):
     a = ss.io.read_hest(hest_root, "TENX01")
     b = a.copy()
     ss.pp.extract_features(a, model=_mean_colour)  # from the pyramidal WSI
-    ss.pp.extract_features(b, model=_mean_colour, patches=b.uns["spatial"]["TENX01"]["metadata"]["patches_path"])
+    ss.pp.extract_features(
+        b, model=_mean_colour, patches=b.uns["spatial"]["TENX01"]["metadata"]["patches_path"]
+    )
     np.testing.assert_allclose(a.obsm["X_image"], b.obsm["X_image"], rtol=1e-6)
     assert a.uns["spade_features"]["params"]["source_mpp"] == [MPP]
     p_wsi = ss.pp.extract_patches(a)

@@ -45,7 +45,10 @@ def make_spaceranger(root, *, header: bool = False):
         feat.create_dataset("name", data=np.array([g.encode() for g in genes]))
     full = rng.integers(0, 256, (800, 1000, 3), dtype=np.uint8)
     tifffile.imwrite(root / "image.tif", full, photometric="rgb")
-    rows, cols = np.array([200, 200, 300, 300, 400, 400, 500, 600]), np.array([200, 400, 300, 500, 200, 600, 700, 800])
+    rows, cols = (
+        np.array([200, 200, 300, 300, 400, 400, 500, 600]),
+        np.array([200, 400, 300, 500, 200, 600, 700, 800]),
+    )
     lines = [f"{b},1,{i // 4},{i % 4},{r},{c}" for i, (b, r, c) in enumerate(zip(barcodes, rows, cols))]
     name = "tissue_positions.csv" if header else "tissue_positions_list.csv"
     head = ["barcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres"] if header else []
@@ -74,7 +77,9 @@ def test_read_visium(tmp_path, header):
     np.testing.assert_array_equal(p.images[0], full[y - 16 : y + 16, x - 16 : x + 16])
     # the hires PNG (scale 0.5 → 1 µm/px) gives the same crop at half resolution
     q = ss.pp.extract_patches(a, patch_size=16, mpp=1.0, image_key="hires")
-    np.testing.assert_array_equal(q.images[0], full[::2, ::2][y // 2 - 8 : y // 2 + 8, x // 2 - 8 : x // 2 + 8])
+    np.testing.assert_array_equal(
+        q.images[0], full[::2, ::2][y // 2 - 8 : y // 2 + 8, x // 2 - 8 : x // 2 + 8]
+    )
 
 
 def test_read_visium_without_images_and_errors(tmp_path):
@@ -102,7 +107,9 @@ def test_visium_spatialdata_roundtrip(tmp_path):
     np.testing.assert_allclose(shapes["radius"], SPOT_PX / 2)
     back = ss.io.to_anndata(sdata)
     del back.obsm["spatial"]
-    restored = ss.io.to_anndata(ss.io.to_spatialdata(ss.io.read_visium(tmp_path, load_images=False), images=False))
+    restored = ss.io.to_anndata(
+        ss.io.to_spatialdata(ss.io.read_visium(tmp_path, load_images=False), images=False)
+    )
     np.testing.assert_allclose(restored.obsm["spatial"], ss.io.read_visium(tmp_path).obsm["spatial"])
     with pytest.raises(TypeError, match="SpatialData"):
         ss.io.to_anndata(np.zeros(3))

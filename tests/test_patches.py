@@ -10,7 +10,7 @@ from anndata import AnnData
 
 import spade_sc as ss
 from spade_sc.pp._image_readers import ArrayReader, PILReader, TiffReader, open_image
-from spade_sc.pp._patches import choose_level, crop_patch, patch_windows, window_coverage
+from spade_sc.pp._sources import choose_level, crop_patch, patch_windows, window_coverage
 
 
 def _gradient_image(h=300, w=400):
@@ -24,15 +24,19 @@ def _adata(centres, img=None, mpp=1.0, lib="s1"):
     a.obs_names = [f"spot{i}" for i in range(len(centres))]
     a.obsm["spatial"] = np.asarray(centres, dtype=float)
     if img is not None:
-        a.uns["spatial"] = {lib: {"images": {"hires": img}, "scalefactors": {"tissue_hires_scalef": 1.0,
-                                                                            "microns_per_pixel": mpp}}}
+        a.uns["spatial"] = {
+            lib: {
+                "images": {"hires": img},
+                "scalefactors": {"tissue_hires_scalef": 1.0, "microns_per_pixel": mpp},
+            }
+        }
     return a
 
 
 def _write_pyramid(path, img, mpp, *, subifds: bool):
     import tifffile
 
-    opts = dict(tile=(64, 64), photometric="rgb", compression="zlib")
+    opts = {"tile": (64, 64), "photometric": "rgb", "compression": "zlib"}
     res = (1e4 / mpp, 1e4 / mpp)
     with tifffile.TiffWriter(path) as tw:
         if subifds:
@@ -119,7 +123,11 @@ def test_pyramidal_tiff_reads_levels_and_regions(tmp_path, subifds):
     assert (reg[:2] == 0).all() and (reg[:, :3] == 0).all()
     np.testing.assert_array_equal(reg[2:, 3:], img[::4, ::4][:8, :7])
     # 0.25 µm/px source, 0.5 µm/px target → level 1; 1.0 → level 2
-    assert choose_level(r, 0.25, 0.5) == 1 and choose_level(r, 0.25, 1.0) == 2 and choose_level(r, 0.25, 0.3) == 0
+    assert (
+        choose_level(r, 0.25, 0.5) == 1
+        and choose_level(r, 0.25, 1.0) == 2
+        and choose_level(r, 0.25, 0.3) == 0
+    )
     r.close()
 
 
@@ -154,8 +162,12 @@ def test_scaled_image_uses_scale_factor():
     """A hires image at scale 0.5 of full resolution: centres are scaled and the source µm/px doubles."""
     img = _gradient_image(200, 200)
     a = _adata([[200.0, 100.0]], None)  # full-resolution coordinates
-    a.uns["spatial"] = {"s": {"images": {"hires": img}, "scalefactors": {"tissue_hires_scalef": 0.5,
-                                                                          "microns_per_pixel": 0.5}}}
+    a.uns["spatial"] = {
+        "s": {
+            "images": {"hires": img},
+            "scalefactors": {"tissue_hires_scalef": 0.5, "microns_per_pixel": 0.5},
+        }
+    }
     p = ss.pp.extract_patches(a, patch_size=16, mpp=1.0)  # 1 µm/px = hires pixels
     np.testing.assert_array_equal(p.images[0], img[50 - 8 : 50 + 8, 100 - 8 : 100 + 8])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .._settings import settings
 
-__all__ = ["her2st", "HER2ST_SECTIONS", "HER2ST_URL", "HER2ST_REGISTRY", "her2st_registry"]
+__all__ = ["HER2ST_REGISTRY", "HER2ST_SECTIONS", "HER2ST_URL", "her2st", "her2st_registry"]
 
 #: almaan/her2st, pinned to one commit; files under ``data/``
 HER2ST_COMMIT = "85df7411b987a7dec3feff9718b869a7a82091ec"

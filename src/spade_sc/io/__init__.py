@@ -6,12 +6,12 @@ from ._spatialdata import to_anndata, to_spatialdata
 from ._visium import read_visium
 
 __all__ = [
-    "read_hest",
-    "read_hest_patches",
-    "read_hest_metadata",
-    "select_hest_samples",
     "read_her2st",
+    "read_hest",
+    "read_hest_metadata",
+    "read_hest_patches",
     "read_visium",
-    "to_spatialdata",
+    "select_hest_samples",
     "to_anndata",
+    "to_spatialdata",
 ]

@@ -12,7 +12,7 @@ from anndata import AnnData
 from .. import _keys
 from .._logging import logger
 
-__all__ = ["read_her2st", "her2st_files", "HER2ST_PITCH_UM", "HER2ST_SPOT_UM"]
+__all__ = ["HER2ST_PITCH_UM", "HER2ST_SPOT_UM", "her2st_files", "read_her2st"]
 
 HER2ST_PITCH_UM = 200.0  # centre-to-centre distance of the ST array
 HER2ST_SPOT_UM = 100.0  # spot diameter
@@ -127,8 +127,10 @@ def read_her2st(path, section: str, *, patient: str | None = None, load_image: b
         from ..pp._image_readers import PILReader
 
         reader = PILReader(image)
-        h, w = reader.shape
-        level = max(i for i, (lh, lw) in enumerate(reader.level_shapes) if i == 0 or max(lh, lw) >= hires_max_px)
+        w = reader.shape[1]
+        level = max(
+            i for i, (lh, lw) in enumerate(reader.level_shapes) if i == 0 or max(lh, lw) >= hires_max_px
+        )
         img = reader.read_region(level, 0, 0, reader.level_shapes[level][1], reader.level_shapes[level][0])
         scale = min(1.0, hires_max_px / max(img.shape[:2]))
         if scale < 1.0:

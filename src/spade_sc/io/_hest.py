@@ -26,7 +26,7 @@ from anndata import AnnData
 from .. import _keys
 from .._logging import logger
 
-__all__ = ["read_hest", "read_hest_patches", "read_hest_metadata", "select_hest_samples", "HEST_PRESETS"]
+__all__ = ["HEST_PRESETS", "read_hest", "read_hest_metadata", "read_hest_patches", "select_hest_samples"]
 
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 _SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "gene_name", "gene_names", "symbol", "feature_name", "gene")
@@ -165,7 +165,9 @@ def _read_one(root: Path, sid: str, meta_row: dict | None) -> AnnData:
     mpp = float(mpp)
     if "spatial" not in adata.obsm:
         if {"pxl_col_in_fullres", "pxl_row_in_fullres"} <= set(adata.obs.columns):
-            adata.obsm["spatial"] = adata.obs[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
+            adata.obsm["spatial"] = adata.obs[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(
+                np.float64
+            )
         else:
             raise KeyError(f"HEST sample {sid!r}: no spot centres (`obsm['spatial']`) in st/{sid}.h5ad.")
     adata.obsm[_keys.SPATIAL] = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]

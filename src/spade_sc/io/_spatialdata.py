@@ -11,7 +11,7 @@ from anndata import AnnData
 from .. import _keys
 from .._utils import get_table, is_spatialdata
 
-__all__ = ["to_spatialdata", "to_anndata", "lazy_image"]
+__all__ = ["lazy_image", "to_anndata", "to_spatialdata"]
 
 
 def lazy_image(path) -> list:
@@ -171,7 +171,8 @@ def to_spatialdata(
     table = adata.copy()
     if "spatial" in table.uns:
         table.uns["spatial"] = {
-            lib: {k: v for k, v in (e or {}).items() if k != "images"} for lib, e in table.uns["spatial"].items()
+            lib: {k: v for k, v in (e or {}).items() if k != "images"}
+            for lib, e in table.uns["spatial"].items()
         }
     table.obs[_keys.REGION_KEY] = pd.Categorical(region)
     table.obs[_keys.INSTANCE_KEY] = instance
@@ -219,7 +220,7 @@ def to_anndata(sdata, *, table_key: str | None = None, spatial_key: str = _keys.
     -------
     A copy of the table.
     """
-    from ..pp._patches import _shape_centres
+    from ..pp._sources import _shape_centres
 
     if isinstance(sdata, AnnData):
         return sdata.copy()

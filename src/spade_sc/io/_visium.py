@@ -10,7 +10,7 @@ import pandas as pd
 
 from .. import _keys
 
-__all__ = ["read_visium", "VISIUM_SPOT_UM"]
+__all__ = ["VISIUM_SPOT_UM", "read_visium"]
 
 VISIUM_SPOT_UM = 55.0  # Visium spot diameter
 

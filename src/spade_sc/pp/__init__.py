@@ -1,6 +1,13 @@
 """Preprocessing: gene panel selection, spot patches and image features."""
 
-from ._encoders import ENCODERS, EncoderAccessError, EncoderInfo, build_encoder, get_encoder_info, list_encoders
+from ._encoders import (
+    ENCODERS,
+    EncoderAccessError,
+    EncoderInfo,
+    build_encoder,
+    get_encoder_info,
+    list_encoders,
+)
 from ._features import extract_features
 from ._image_readers import open_image
 from ._patches import Patches, extract_patches

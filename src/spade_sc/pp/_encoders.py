@@ -14,7 +14,14 @@ from pathlib import Path
 
 from .._logging import logger
 
-__all__ = ["EncoderInfo", "EncoderAccessError", "ENCODERS", "list_encoders", "get_encoder_info", "build_encoder"]
+__all__ = [
+    "ENCODERS",
+    "EncoderAccessError",
+    "EncoderInfo",
+    "build_encoder",
+    "get_encoder_info",
+    "list_encoders",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -233,7 +240,9 @@ class _Pooled:
 
 
 def _hub_error(info: EncoderInfo, err: Exception) -> EncoderAccessError:
-    offline = " (HF_HUB_OFFLINE is set, so nothing can be downloaded)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    offline = (
+        " (HF_HUB_OFFLINE is set, so nothing can be downloaded)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    )
     gate = "This model is gated. " if info.gated else ""
     return EncoderAccessError(
         f"could not get the weights of encoder `{info.name}` from {info.hub_id}{offline}: "
@@ -248,7 +257,7 @@ def _strip_prefixes(sd: dict, target_keys) -> dict:
     if set(sd) & target:
         return sd
     for prefix in ("module.", "model.", "backbone.", "encoder.", "trunk."):
-        stripped = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
+        stripped = {k.removeprefix(prefix): v for k, v in sd.items()}
         if set(stripped) & target:
             return stripped
     return sd
@@ -260,7 +269,9 @@ def read_state_dict(path) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"`weights={str(path)!r}` does not exist; pass the path of a local checkpoint.")
+        raise FileNotFoundError(
+            f"`weights={str(path)!r}` does not exist; pass the path of a local checkpoint."
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -319,7 +330,9 @@ def map_lukemelas_efficientnet(sd: dict, timm_state: dict) -> dict:
     out = {}
     for (ks, vs), (kd, vd) in zip(src, dst):
         if tuple(vs.shape) != tuple(vd.shape):
-            raise ValueError(f"EfficientNet tensor {ks} {tuple(vs.shape)} does not fit {kd} {tuple(vd.shape)}.")
+            raise ValueError(
+                f"EfficientNet tensor {ks} {tuple(vs.shape)} does not fit {kd} {tuple(vd.shape)}."
+            )
         out[kd] = vs
     return out
 
@@ -368,7 +381,9 @@ def _build_timm(info: EncoderInfo, weights, pretrained: bool, kwargs: dict):
                 sd = map_lukemelas_efficientnet(sd, model.state_dict())
             load_state_dict_strict(model, sd, what=f"`{info.name}` ({info.arch})")
         elif pretrained:
-            model.load_state_dict(map_lukemelas_efficientnet(_efficientnet_lite0_package_weights(), model.state_dict()))
+            model.load_state_dict(
+                map_lukemelas_efficientnet(_efficientnet_lite0_package_weights(), model.state_dict())
+            )
         return _Pooled.wrap(model, info.pooling, n_prefix)
     if weights is not None or not pretrained:
         model = timm.create_model(info.arch, pretrained=False, **kwargs)

@@ -12,16 +12,8 @@ from .._logging import log_added, logger
 from .._utils import copy_data, get_table, progress, resolve_device
 from .._validate import check_anndata, check_choice, check_positive
 from ._encoders import IMAGENET_MEAN, IMAGENET_STD, build_encoder, get_encoder_info
-from ._patches import (
-    _EDGES,
-    _RESAMPLE,
-    Patches,
-    background,
-    check_edges,
-    close_sources,
-    iter_patch_batches,
-    resolve_image_sources,
-)
+from ._patches import Patches, check_edges
+from ._sources import _EDGES, _RESAMPLE, background, close_sources, iter_patch_batches, resolve_image_sources
 
 __all__ = ["extract_features"]
 
@@ -257,7 +249,9 @@ def extract_features(
         coverage = (prow >= 0).astype(np.float64)
         keep = prow >= 0
         if (~keep).any():
-            logger.warning("%d of %d spots have no precomputed patch; their features are NaN", int((~keep).sum()), n)
+            logger.warning(
+                "%d of %d spots have no precomputed patch; their features are NaN", int((~keep).sum()), n
+            )
     else:
         sources = resolve_image_sources(
             adata, table, image=image, library_id=library_id, library_key=library_key, image_key=image_key,
@@ -281,7 +275,9 @@ def extract_features(
         close_sources(sources)
 
     if feats is None:
-        raise ValueError("no spot has a patch to encode (all were masked or missing); check `edge`/`patches`.")
+        raise ValueError(
+            "no spot has a patch to encode (all were masked or missing); check `edge`/`patches`."
+        )
     logger.info("encoded %d patches in %.1f s (%.1f patches/s)", n_done, seconds, n_done / max(seconds, 1e-9))
 
     data = copy_data(adata) if copy else adata
@@ -305,7 +301,9 @@ def extract_features(
     return data if copy else None
 
 
-def _encode(runner, sources, patch_set, prow, keep, n, *, patch_size, mpp, batch_size, fill, resample, num_workers):
+def _encode(
+    runner, sources, patch_set, prow, keep, n, *, patch_size, mpp, batch_size, fill, resample, num_workers
+):
     """Run the encoder over all kept spots; return ``(features or None, n_encoded, seconds)``."""
     feats = None
     n_done = 0
@@ -324,7 +322,9 @@ def _encode(runner, sources, patch_set, prow, keep, n, *, patch_size, mpp, batch
             if feats is None:
                 feats = np.full((n, out.shape[1]), np.nan, dtype=np.float32)
             if out.shape != (len(rows), feats.shape[1]):
-                raise ValueError(f"the encoder returned shape {out.shape} for a batch of {len(rows)} patches.")
+                raise ValueError(
+                    f"the encoder returned shape {out.shape} for a batch of {len(rows)} patches."
+                )
             feats[rows] = out
             n_done += len(rows)
             bar.update(len(rows))

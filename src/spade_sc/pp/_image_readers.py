@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ImageReader", "ArrayReader", "PILReader", "TiffReader", "LazyTiffLevel", "open_image"]
+__all__ = ["ArrayReader", "ImageReader", "LazyTiffLevel", "PILReader", "TiffReader", "open_image"]
 
 _TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".ome.tif", ".ome.tiff")
 _PIL_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -78,7 +78,9 @@ class ImageReader:
     def _read(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
-    def read_region(self, level: int, x0: int, y0: int, width: int, height: int, *, fill: int = 255) -> np.ndarray:
+    def read_region(
+        self, level: int, x0: int, y0: int, width: int, height: int, *, fill: int = 255
+    ) -> np.ndarray:
         """RGB ``uint8`` array ``(height, width, 3)`` of the region at ``level``; outside is ``fill``."""
         h_img, w_img = self.level_shapes[level]
         out = np.full((height, width, 3), fill, dtype=np.uint8)
@@ -131,7 +133,9 @@ class ArrayReader(ImageReader):
             if cf is None:
                 cf = data.ndim == 3 and data.shape[0] in (1, 3, 4) and data.shape[2] not in (1, 3, 4)
             self._levels.append((data, bool(cf) and data.ndim == 3))
-            shapes.append(tuple(int(s) for s in (data.shape[1:3] if (cf and data.ndim == 3) else data.shape[:2])))
+            shapes.append(
+                tuple(int(s) for s in (data.shape[1:3] if (cf and data.ndim == 3) else data.shape[:2]))
+            )
         self.level_shapes = shapes
 
     def _read(self, level, x0, y0, x1, y1):
