@@ -42,45 +42,46 @@ def setup_torch(args) -> None:
 
 
 def synthetic_counts(
-    n: int, n_genes: int = N_GENES, density: float = DENSITY, *, seed: int = 0, chunk: int = 50_000,
+    n: int, n_genes: int = N_GENES, density: float = DENSITY, *, seed: int = 0, chunk: int = 16_384,
     dtype=np.float32,
 ) -> sp.csr_matrix:
     """CSR counts ``n × n_genes`` with about ``density`` non-zeros per row, built without a dense intermediate.
 
-    Genes have log-normal rates (some highly expressed), counts are ``1 + Poisson``; ``int32`` indices.
+    Genes have log-normal rates (some highly expressed), counts are ``1 + Poisson(1.5)``; ``int32`` indices.
+    The arrays are filled in place (peak memory ≈ the final matrix + one chunk).
     """
     rng = np.random.default_rng(seed)
     k = max(1, int(round(density * n_genes)))
     gene_p = rng.lognormal(0, 1, n_genes)
-    gene_p /= gene_p.sum()
-    cdf = np.cumsum(gene_p)
+    cdf = np.cumsum(gene_p / gene_p.sum())
     indptr = np.zeros(n + 1, dtype=np.int64)
-    parts_i, parts_d = [], []
+    indices = np.empty(n * k, dtype=np.int32)
+    data = np.empty(n * k, dtype=dtype)
     nnz = 0
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
         # draw k genes per row from the gene distribution (sorted, duplicates removed)
-        idx = np.searchsorted(cdf, rng.random((m, k)) * cdf[-1]).astype(np.int32)
-        idx = np.minimum(idx, n_genes - 1)
+        idx = np.minimum(np.searchsorted(cdf, rng.random((m, k)) * cdf[-1]), n_genes - 1).astype(np.int32)
         idx.sort(axis=1)
         keep = np.ones_like(idx, dtype=bool)
         keep[:, 1:] = idx[:, 1:] != idx[:, :-1]
         counts = keep.sum(1)
-        parts_i.append(idx[keep])
-        parts_d.append((1 + rng.poisson(1.5, int(counts.sum()))).astype(dtype))
+        c = int(counts.sum())
+        indices[nnz : nnz + c] = idx[keep]
+        data[nnz : nnz + c] = 1 + rng.poisson(1.5, c)
         indptr[s + 1 : s + m + 1] = nnz + np.cumsum(counts)
-        nnz += int(counts.sum())
-    indices = np.concatenate(parts_i)
-    data = np.concatenate(parts_d)
+        nnz += c
+    indices.resize(nnz, refcheck=False)  # shrink in place
+    data.resize(nnz, refcheck=False)
     if nnz < 2**31:
         indptr = indptr.astype(np.int32)
-    return sp.csr_matrix((data, indices, indptr), shape=(n, n_genes))
+    return sp.csr_matrix((data, indices, indptr), shape=(n, n_genes), copy=False)
 
 
 def synthetic_features(
-    n: int, dim: int = FEATURE_DIM, n_clusters: int = 64, *, seed: int = 0, dtype=np.float32, chunk: int = 50_000
+    n: int, dim: int = FEATURE_DIM, n_clusters: int = 64, *, seed: int = 0, dtype=np.float32, chunk: int = 16_384
 ) -> np.ndarray:
-    """``n × dim`` features in ``n_clusters`` well separated blobs of unequal sizes."""
+    """``n × dim`` features in ``n_clusters`` well separated blobs of unequal sizes (filled in chunks)."""
     rng = np.random.default_rng(seed + 1)
     centers = rng.normal(0, 1.0, (n_clusters, dim)).astype(np.float32)
     sizes = rng.dirichlet(np.full(n_clusters, 5.0))
@@ -88,17 +89,17 @@ def synthetic_features(
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
         lab = rng.choice(n_clusters, m, p=sizes)
-        out[s : s + m] = centers[lab] + rng.normal(0, 0.5, (m, dim)).astype(np.float32)
+        out[s : s + m] = centers[lab] + rng.standard_normal((m, dim), dtype=np.float32) * 0.5
     return out
 
 
 def synthetic_adata(n: int, *, n_genes: int = N_GENES, dim: int = FEATURE_DIM, density: float = DENSITY,
-                    n_slides: int = 8, feature_dtype=np.float32, seed: int = 0):
+                    n_slides: int = 8, feature_dtype=np.float32, counts_dtype=np.float32, seed: int = 0):
     """AnnData with CSR counts in ``.X``, features in ``.obsm['X_image']`` and ``.obs['slide']``."""
     import anndata as ad
     import pandas as pd
 
-    x = synthetic_counts(n, n_genes, density, seed=seed)
+    x = synthetic_counts(n, n_genes, density, seed=seed, dtype=counts_dtype)
     obs = pd.DataFrame({"slide": pd.Categorical([f"s{i % n_slides}" for i in range(n)])},
                        index=pd.RangeIndex(n).astype(str))
     a = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]))

@@ -37,11 +37,14 @@ def take_rows(x, idx: np.ndarray):
 def _row_totals(x, chunk: int = 65536) -> np.ndarray:
     """Float64 row sums without a converted copy of the matrix (CSR: over ``data``; others: in row chunks)."""
     if sp.issparse(x) and x.format == "csr":
-        indptr = np.asarray(x.indptr)
+        indptr, data = np.asarray(x.indptr), np.asarray(x.data)
         out = np.zeros(x.shape[0], dtype=np.float64)
-        nonempty = np.flatnonzero(indptr[:-1] < indptr[1:])
-        if len(nonempty):
-            out[nonempty] = np.add.reduceat(np.asarray(x.data)[: indptr[-1]], indptr[nonempty], dtype=np.float64)
+        for s in range(0, x.shape[0], chunk):  # chunks: reduceat casts its input to float64 in one piece
+            e = min(s + chunk, x.shape[0])
+            ptr = indptr[s : e + 1]
+            nonempty = np.flatnonzero(ptr[:-1] < ptr[1:])
+            if len(nonempty):
+                out[s + nonempty] = np.add.reduceat(data[ptr[0] : ptr[-1]], ptr[nonempty] - ptr[0], dtype=np.float64)
         return out
     if isinstance(x, np.ndarray) or sp.issparse(x):
         return np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()

@@ -167,7 +167,7 @@ class SpadeModel:
         """
         import torch
 
-        from ._clustering import assign_nearest, two_stage_kmeans
+        from ._clustering import RowSubset, assign_nearest, two_stage_kmeans
         from ._data import ExpressionSource
         from ._heads import ExpertPairs
         from ._trainer import TrainConfig, train_experts
@@ -200,8 +200,9 @@ class SpadeModel:
                 f"(≤ {len(train)}) or fit on more spots."
             )
         logger.info("stage 1/2 clustering of %d training spots", len(train))
+        train_feats = RowSubset(feats, train)  # read on demand: no copy of the training spots' features
         clus = two_stage_kmeans(
-            feats[train],
+            train_feats,
             None if groups is None else groups[train],
             n_prototypes=p["n_prototypes"],
             n_experts=p["n_experts"],
@@ -209,7 +210,7 @@ class SpadeModel:
             backend=p["clustering_backend"],
         )
         labels = _assign(feats, groups, clus, train)
-        _, nearest = assign_nearest(feats[train], clus.centroids)
+        _, nearest = assign_nearest(train_feats, clus.centroids)
         scale = float(np.median(nearest))
         self.distance_scale_ = scale if scale > 0 else 1.0
         expert_of_spot = clus.centroid_to_expert[labels]
@@ -419,7 +420,7 @@ def _check_hyper(p: dict) -> None:
     check_fraction("val_fraction", p["val_fraction"])
     if p["patience"] is not None:
         check_positive("patience", p["patience"], integer=True)
-    check_choice("clustering_backend", p["clustering_backend"], ("sklearn", "faiss"))
+    check_choice("clustering_backend", p["clustering_backend"], ("auto", "sklearn", "faiss"))
     check_choice("precision", p["precision"], ("32", "bf16"))
     if p["n_experts"] > p["n_prototypes"] and True:
         pass  # more experts than total prototypes is checked at fit time (prototypes are per group)
