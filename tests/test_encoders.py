@@ -156,3 +156,22 @@ def test_model_kwargs_override_reaches_the_architecture():
     m, _ = build_encoder("h-optimus-0", pretrained=False, model_kwargs={"depth": 1})
     assert len(m.model.blocks) == 1 and m.model.num_prefix_tokens == 5
     assert np.isclose(m.model.blocks[0].ls1.gamma.detach().mean().item(), 1e-5)
+
+
+def test_hub_download_is_called_with_the_entry_arguments(monkeypatch):
+    """With access granted, `model='uni2-h'` asks timm for the hub id with the model card's arguments."""
+    import timm
+    import torch
+
+    calls = {}
+
+    def fake_create_model(name, pretrained=False, **kwargs):
+        calls.update(name=name, pretrained=pretrained, **kwargs)
+        return torch.nn.Identity()
+
+    monkeypatch.setattr(timm, "create_model", fake_create_model)
+    m, info = build_encoder("uni2-h")
+    assert calls["name"] == "hf-hub:MahmoodLab/UNI2-h" and calls["pretrained"] is True
+    assert calls["reg_tokens"] == 8 and calls["embed_dim"] == 1536 and calls["no_embed_class"] is True
+    assert calls["mlp_layer"] is timm.layers.SwiGLUPacked and calls["act_layer"] is torch.nn.SiLU
+    assert not m.training

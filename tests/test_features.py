@@ -169,3 +169,13 @@ def test_image_argument_and_source_mpp():
     a.obsm["spatial"] = np.array([[25.0, 50.0], [75.0, 50.0]])
     ss.pp.extract_features(a, model=_mean_colour, image=img, source_mpp=1.0, patch_size=20, mpp=1.0)
     np.testing.assert_allclose(a.obsm["X_image"], [[0, 0, 0], [255, 255, 255]])
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_autocast_close_to_cpu_fp32(tiny):
+    a, b = tiny[:8].copy(), tiny[:8].copy()
+    kw = {"model": "efficientnet_lite0", "patch_size": 32, "mpp": 1.0, "input_size": 64}
+    ss.pp.extract_features(a, device="cuda", amp=True, **kw)
+    ss.pp.extract_features(b, device="cpu", **kw)
+    assert a.uns["spade_features"]["params"]["amp"] is True and a.obsm["X_image"].dtype == np.float32
+    np.testing.assert_allclose(a.obsm["X_image"], b.obsm["X_image"], rtol=0.1, atol=0.05)
