@@ -79,7 +79,11 @@ def _predicted(table, genes, predicted_key, predicted_layer) -> np.ndarray:
     pos = names.get_indexer(genes)
     missing = [g for g, p in zip(genes, pos, strict=True) if p < 0]
     if missing:
-        raise KeyError(f"genes {missing[:5]} were not predicted (`adata.obsm[{predicted_key!r}]` has {len(names)} genes).")
+        raise KeyError(
+            f"genes {missing[:5]} were not predicted (`adata.obsm[{predicted_key!r}]` has {len(names)} genes, "
+            f"e.g. {', '.join(names[:5])}); choose predicted genes, or predict them with "
+            "`ss.tl.predict_expression(..., genes=[...])`."
+        )
     return values[:, pos].astype(np.float64)
 
 
