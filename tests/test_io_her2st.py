@@ -51,9 +51,15 @@ def test_read_her2st_section(her2st_dir):
     assert max(hires.shape[:2]) == 2000 and hires.shape[1] == round(9274 * sf["tissue_hires_scalef"])
 
 
-def test_read_her2st_drops_spots_without_counts(her2st_dir):
+def test_read_her2st_drops_spots_without_counts(her2st_dir, tmp_path):
+    import anndata as ad
+
     a = ss.io.read_her2st(her2st_dir, "C3", load_image=False)
     assert a.n_obs == 180  # 182 selected spots, 2 without counts
+    a.write_h5ad(tmp_path / "c3.h5ad")
+    b = ad.read_h5ad(tmp_path / "c3.h5ad")
+    assert b.uns["spatial"]["C3"]["metadata"] == a.uns["spatial"]["C3"]["metadata"]
+    assert (b.X != a.X).nnz == 0
     assert "hires" not in a.uns["spatial"]["C3"]["images"]
     with pytest.raises(FileNotFoundError, match="almaan/her2st"):
         ss.io.read_her2st(her2st_dir, "C9")

@@ -128,6 +128,18 @@ def test_read_hest_anndata(hest_root):
     assert set(both) == {"TENX01", "NCBI02"}
 
 
+def test_read_hest_writes_and_reads_back(hest_root, tmp_path):
+    import anndata as ad
+
+    a = ss.io.read_hest(hest_root, "NCBI02")
+    a.write_h5ad(tmp_path / "s.h5ad")
+    b = ad.read_h5ad(tmp_path / "s.h5ad")
+    assert b.uns["spatial"]["NCBI02"]["metadata"] == a.uns["spatial"]["NCBI02"]["metadata"]
+    assert b.uns["spatial"]["NCBI02"]["scalefactors"]["microns_per_pixel"] == MPP
+    np.testing.assert_array_equal(b.obsm["spatial"], a.obsm["spatial"])
+    assert list(b.var["gene_ids"][:1]) == ["ENSG00000100000"]
+
+
 def test_ensembl_gene_names_are_replaced_by_symbols(hest_root):
     a = ss.io.read_hest(hest_root, "NCBI02")
     assert list(a.var_names[:2]) == ["GENE0", "GENE1"]

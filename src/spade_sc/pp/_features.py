@@ -183,7 +183,8 @@ def extract_features(
         A registry name (``'efficientnet_lite0'`` (offline), ``'resnet50'``, ``'uni'``, ``'uni2-h'``,
         ``'virchow2'``, ``'h-optimus-0'``, ``'conch'``, ``'phikon'``; see :func:`~spade_sc.pp.list_encoders`),
         a ``torch.nn.Module`` (gets ``(n, 3, s, s)`` float tensors normalised with ``mean``/``std``, returns
-        ``(n, d)``), or any other callable (gets the ``(n, h, w, 3)`` uint8 numpy batch, returns ``(n, d)``).
+        ``(n, d)``; it is moved to ``device`` and run in eval mode, its training flag restored afterwards), or
+        any other callable (gets the ``(n, h, w, 3)`` uint8 numpy batch, returns ``(n, d)``).
     weights
         Local checkpoint (``.safetensors`` or a torch state dict, read with ``weights_only=True``) for the
         registry architecture or the given module, instead of downloading.
