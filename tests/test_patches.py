@@ -228,3 +228,16 @@ def test_array_reader_channels_first_and_dtypes():
         ArrayReader([img.astype(np.int32) * 1000]).read_region(0, 0, 0, 5, 5)
     crop = crop_patch(r, 0, (10.0, 10.0), 8.0, 8)
     np.testing.assert_array_equal(crop, img[10:18, 10:18])
+
+
+def test_patch_corners_are_in_spot_coordinates_for_scaled_images():
+    img = _gradient_image(200, 200)
+    a = _adata([[200.0, 100.0]], None)
+    a.uns["spatial"] = {
+        "s": {
+            "images": {"hires": img},
+            "scalefactors": {"tissue_hires_scalef": 0.5, "microns_per_pixel": 0.5},
+        }
+    }
+    p = ss.pp.extract_patches(a, patch_size=16, mpp=1.0)  # 16 hires px = 32 full-resolution px
+    np.testing.assert_allclose(p.coords, [[200 - 16, 100 - 16]])

@@ -204,7 +204,8 @@ def extract_patches(
     Returns
     -------
     :class:`Patches` (in memory) with ``images`` ``(n, patch_size, patch_size, 3)`` uint8, ``obs_names``,
-    ``coords`` (top-left corners in full-resolution pixels) and ``coverage``. Nothing is written to ``adata``.
+    ``coords`` (top-left corners, in the coordinates of ``obsm[spatial_key]``) and ``coverage``. Nothing is
+    written to ``adata``.
 
     Examples
     --------
@@ -248,8 +249,7 @@ def _coverage_and_corners(sources, n_obs, *, patch_size, mpp):
     for src in sources:
         _, c, _, cov = src.plan(patch_size=patch_size, mpp=mpp)
         coverage[src.obs_index] = cov
-        # corners in full-resolution pixels of the source image (scale 1 for full-res sources)
-        corners[src.obs_index] = c
+        corners[src.obs_index] = src.to_spot_coordinates(c)  # in the units of obsm['spatial']
     return coverage, corners
 
 

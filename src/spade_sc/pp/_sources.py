@@ -94,6 +94,15 @@ class SpotImageSource:
     obs_index: np.ndarray  # rows of the table
     label: str
     owned: bool = True  # opened here (closed by `close_sources`), not passed in by the caller
+    to_full: np.ndarray | None = (
+        None  # 3×3 affine: level-0 pixels → the table's spot coordinates (None: identity)
+    )
+
+    def to_spot_coordinates(self, xy: np.ndarray) -> np.ndarray:
+        """Map level-0 pixel positions of this image to the coordinates of ``obsm['spatial']``."""
+        if self.to_full is None:
+            return np.asarray(xy, dtype=np.float64)
+        return (np.c_[xy, np.ones(len(xy))] @ self.to_full.T)[:, :2]
 
     def plan(self, *, patch_size: int, mpp: float):
         corners, side = patch_windows(self.centres, patch_size=patch_size, mpp=mpp, source_mpp=self.mpp)
@@ -231,7 +240,14 @@ def resolve_image_sources(
             if full_mpp is None:
                 raise _no_mpp_error(f"library {lib!r}")
         sources.append(
-            SpotImageSource(reader, _centres(table, spatial_key, rows) * scale, full_mpp / scale, rows, label)
+            SpotImageSource(
+                reader,
+                _centres(table, spatial_key, rows) * scale,
+                full_mpp / scale,
+                rows,
+                label,
+                to_full=None if scale == 1.0 else np.diag([1.0 / scale, 1.0 / scale, 1.0]),
+            )
         )
     return sources
 
@@ -274,7 +290,7 @@ def _spatialdata_source(sdata, table, image_key, spatial_key, source_mpp, coordi
     if mpp is None:
         raise _no_mpp_error(f"coordinate system {coordinate_system!r}")
     return SpotImageSource(
-        open_image(element), pix, float(mpp) * units_per_px, np.arange(table.n_obs), image_key
+        open_image(element), pix, float(mpp) * units_per_px, np.arange(table.n_obs), image_key, to_full=affine
     )
 
 
