@@ -23,8 +23,26 @@ def check_anndata(adata) -> AnnData:
     return adata
 
 
+def is_out_of_core(x) -> bool:
+    """True for array-likes read on demand (zarr, h5py, dask, AnnData backed datasets); False for NumPy
+    arrays (memmaps included) and SciPy sparse matrices."""
+    return not (isinstance(x, np.ndarray) or sp.issparse(x))
+
+
+def _row_blocks(x, chunk: int = 16384):
+    """Consecutive row blocks of ``x`` as NumPy arrays or SciPy matrices (reads out-of-core stores in pieces)."""
+    for s in range(0, x.shape[0], chunk):
+        block = x[s : s + chunk]
+        if hasattr(block, "compute"):  # dask
+            block = block.compute()
+        yield s, (block if sp.issparse(block) else np.asarray(block))
+
+
 def get_rep(adata: AnnData, use_rep: str, *, hint: str | None = None) -> np.ndarray:
-    """Return ``adata.obsm[use_rep]`` as a 2-D array of finite numbers (a view where possible)."""
+    """Return ``adata.obsm[use_rep]`` as a 2-D array of finite numbers (a view where possible).
+
+    Out-of-core arrays (zarr, h5py, dask) are checked block by block and returned as they are.
+    """
     if use_rep not in adata.obsm:
         keys = ", ".join(map(repr, adata.obsm.keys())) or "none"
         fix = hint or "run `ss.pp.extract_features` first or pass `use_rep=` with one of the keys present"
@@ -32,12 +50,15 @@ def get_rep(adata: AnnData, use_rep: str, *, hint: str | None = None) -> np.ndar
     x = adata.obsm[use_rep]
     if sp.issparse(x):
         x = x.toarray()
-    x = np.asarray(x)
-    if x.ndim != 2:
+    if not is_out_of_core(x):
+        x = np.asarray(x)
+    if len(x.shape) != 2:
         raise ValueError(f"`adata.obsm[{use_rep!r}]` must be 2-D (n_obs × n_features), got shape {x.shape}.")
     if not np.issubdtype(x.dtype, np.number):
         raise TypeError(f"`adata.obsm[{use_rep!r}]` must be numeric, got dtype {x.dtype}.")
-    bad = ~np.isfinite(x).all(axis=1)
+    bad = np.zeros(x.shape[0], dtype=bool)
+    for s, block in _row_blocks(x):  # in blocks: no n × d temporary
+        bad[s : s + len(block)] = ~np.isfinite(block).all(axis=1)
     if bad.any():
         names = ", ".join(map(str, adata.obs_names[bad][:5]))
         raise ValueError(
@@ -78,7 +99,15 @@ def get_counts(adata: AnnData, layer: str | None, *, require_counts: bool = Fals
         where = f"adata.layers[{layer!r}]"
     if x is None:
         raise ValueError(f"{where} is empty; pass `layer=` naming the counts.")
-    data = x.data if sp.issparse(x) else np.asarray(x)
+    if is_out_of_core(x):  # checked block by block, returned as it is
+        for _, block in _row_blocks(x):
+            _check_counts_values(block.data if sp.issparse(block) else block, where, require_counts, hint)
+        return x
+    _check_counts_values(x.data if sp.issparse(x) else np.asarray(x), where, require_counts, hint)
+    return x
+
+
+def _check_counts_values(data, where: str, require_counts: bool, hint: str | None) -> None:
     if not np.issubdtype(data.dtype, np.number):
         raise TypeError(f"{where} must be numeric, got dtype {data.dtype}.")
     if data.size and not np.isfinite(data).all():
@@ -95,7 +124,6 @@ def get_counts(adata: AnnData, layer: str | None, *, require_counts: bool = Fals
                 f"{where} has non-integer values but raw counts are expected here; pass `layer=` naming "
                 "raw counts (e.g. `layer='counts'`)" + (f", {hint}" if hint else "") + "."
             )
-    return x
 
 
 def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool = False) -> None:

@@ -31,7 +31,9 @@ class RowSubset:
         return len(self.rows)
 
     def __getitem__(self, key):
-        return np.asarray(self.x[self.rows[key]])
+        from ._data import take_rows
+
+        return np.asarray(take_rows(self.x, self.rows[key]))
 
 
 #: ``clustering_backend="auto"`` uses faiss (when installed) from this many rows on, scikit-learn below

@@ -17,7 +17,7 @@ import functools
 
 import numpy as np
 
-__all__ = ["gather_rows", "densify", "stacked_spmm", "stacked_spmm_wgrad", "row_sums"]
+__all__ = ["gather_rows", "densify", "stacked_spmm", "stacked_spmm_wgrad", "sparse_wgrad_adamw", "row_sums"]
 
 
 @functools.cache
@@ -88,6 +88,37 @@ def _jit():
                     for j in range(p):
                         dw[e, g, j] += v * dout[i, j]
 
+    @nb.njit(**popts)
+    def _wgrad_adamw(indptr, indices, data, dout, rows_per_expert, experts, w, m, v, lr, bc1, bc2s, beta1, beta2,
+                     wd, eps):
+        # per active expert j (stacked slot e = experts[j]): its gradient slab, then AdamW on w[e], m[e], v[e]
+        n_cols, p = w.shape[1], w.shape[2]
+        for j in nb.prange(experts.shape[0]):
+            e = experts[j]
+            g = np.zeros((n_cols, p), dtype=np.float32)
+            for i in range(j * rows_per_expert, (j + 1) * rows_per_expert):
+                for k in range(indptr[i], indptr[i + 1]):
+                    val = data[k]
+                    c = indices[k]
+                    for q in range(p):
+                        g[c, q] += val * dout[i, q]
+            decay = np.float32(1.0 - lr[j] * wd)
+            step = np.float32(lr[j] / bc1[j])
+            b2s = np.float32(bc2s[j])
+            one_b1 = np.float32(1.0 - beta1)
+            one_b2 = np.float32(1.0 - beta2)
+            fb2 = np.float32(beta2)
+            feps = np.float32(eps)
+            for c in range(n_cols):
+                for q in range(p):
+                    gr = g[c, q]
+                    mm = m[e, c, q]
+                    mm = mm + one_b1 * (gr - mm)
+                    vv = fb2 * v[e, c, q] + one_b2 * gr * gr
+                    m[e, c, q] = mm
+                    v[e, c, q] = vv
+                    w[e, c, q] = w[e, c, q] * decay - step * mm / (np.sqrt(vv) / b2s + feps)
+
     @nb.njit(**opts)
     def _row_sums(indptr, data, out):
         for i in range(out.shape[0]):
@@ -97,7 +128,7 @@ def _jit():
             out[i] = s
 
     return {"count": _count, "fill": _fill, "densify": _densify, "spmm": _spmm, "wgrad": _wgrad,
-            "row_sums": _row_sums}
+            "wgrad_adamw": _wgrad_adamw, "row_sums": _row_sums}
 
 
 def gather_rows(indptr, indices, data, rows: np.ndarray, col_map: np.ndarray, scale: np.ndarray | None):
@@ -141,6 +172,22 @@ def stacked_spmm_wgrad(indptr, indices, data, dout: np.ndarray, rows_per_expert:
         out = np.empty((n_exp, n_cols, dout.shape[1]), dtype=np.float32)
     _jit()["wgrad"](indptr, indices, data, dout, rows_per_expert, out)
     return out
+
+
+def sparse_wgrad_adamw(indptr, indices, data, dout: np.ndarray, rows_per_expert: int, experts: np.ndarray,
+                       w: np.ndarray, m: np.ndarray, v: np.ndarray, lr, bc1, bc2_sqrt, *, beta1: float,
+                       beta2: float, weight_decay: float, eps: float) -> None:
+    """Weight gradient of :func:`stacked_spmm` fused with AdamW: the gradient of expert ``experts[j]`` (rows
+    ``j·B … (j+1)·B - 1``) is built in an expert-sized buffer and applied at once to ``w``, ``m``, ``v``
+    (``[E, G, P]`` float32, updated in place) — the ``[E, G, P]`` gradient is never stored.
+
+    Same arithmetic as ``torch._fused_adamw_`` with per-expert ``lr``, ``bc1 = 1 - beta1**t`` and
+    ``bc2_sqrt = sqrt(1 - beta2**t)``.
+    """
+    f64 = np.float64
+    _jit()["wgrad_adamw"](indptr, indices, data, dout, rows_per_expert, np.asarray(experts, dtype=np.int64), w, m, v,
+                          np.asarray(lr, f64), np.asarray(bc1, f64), np.asarray(bc2_sqrt, f64), f64(beta1),
+                          f64(beta2), f64(weight_decay), f64(eps))
 
 
 def row_sums(indptr, data) -> np.ndarray:

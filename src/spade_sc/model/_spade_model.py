@@ -15,7 +15,16 @@ from anndata import AnnData
 from .. import _keys
 from .._logging import logger
 from .._utils import get_table, resolve_device
-from .._validate import check_anndata, check_choice, check_fraction, check_positive, get_counts, get_obs_column, get_rep
+from .._validate import (
+    check_anndata,
+    check_choice,
+    check_fraction,
+    check_positive,
+    get_counts,
+    get_obs_column,
+    get_rep,
+    is_out_of_core,
+)
 
 __all__ = ["SpadeModel"]
 
@@ -272,20 +281,22 @@ class SpadeModel:
         out = []
         c = torch.from_numpy(self.centroids_)
         c2e = torch.from_numpy(self.centroid_to_expert_)
-        for s in range(0, len(features), 16384):
-            x = torch.from_numpy(np.asarray(features[s : s + 16384], dtype=np.float32))
+        for s in range(0, features.shape[0], 16384):
+            x = torch.from_numpy(_chunk(features, s, 16384))
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("image features contain NaN or infinite values; drop those spots first.")
             out.append(routing_weights(x, c, c2e, self.n_experts_, tau, self.distance_scale_).numpy())
         return np.concatenate(out) if out else np.zeros((0, self.n_experts_), np.float32)
 
     def _check_features(self, features) -> np.ndarray:
-        features = np.asarray(features)
-        if features.ndim != 2 or features.shape[1] != self.feature_dim_:
+        """Shape check (values are checked chunk by chunk by ``route``); out-of-core arrays stay as they are."""
+        if not is_out_of_core(features):
+            features = np.asarray(features)
+        if len(features.shape) != 2 or features.shape[1] != self.feature_dim_:
             raise ValueError(
                 f"image features have shape {features.shape} but this model was fitted on {self.feature_dim_}-d "
                 "features; extract features with the same encoder as at fit time."
             )
-        if not np.isfinite(features).all():
-            raise ValueError("image features contain NaN or infinite values; drop those spots first.")
         return features
 
     def _heads_embed(self, which: str, x, weights: np.ndarray, *, chunk: int = 32768) -> np.ndarray:
@@ -299,7 +310,7 @@ class SpadeModel:
         out = np.zeros((len(weights), self.proj_dim), dtype=np.float32)
         with torch.no_grad():
             for s in range(0, len(weights), chunk):
-                xc = np.asarray(x[s : s + chunk], dtype=np.float32)
+                xc = _chunk(x, s, chunk)
                 wc = weights[s : s + chunk]
                 for e in range(self.n_experts_):
                     rows = np.flatnonzero(wc[:, e] > 0)
@@ -410,6 +421,15 @@ class SpadeModel:
         return from_spade_checkpoints(cls, *args, **kwargs)
 
 
+def _chunk(x, start: int, size: int) -> np.ndarray:
+    """Rows ``start:start + size`` of any array-like (NumPy, memmap, zarr, h5py, dask) as a writable float32 array."""
+    block = x[start : start + size]
+    if hasattr(block, "compute"):
+        block = block.compute()
+    block = np.asarray(block, dtype=np.float32)
+    return block if block.flags.writeable else block.copy()
+
+
 def _check_hyper(p: dict) -> None:
     for name in ("n_prototypes", "n_experts", "proj_dim", "max_epochs", "batch_size", "min_expert_spots"):
         check_positive(name, p[name], integer=True)
@@ -455,22 +475,22 @@ def _split(n: int, batches: np.ndarray | None, val_fraction: float, random_state
 
 def _assign(feats, groups, clus, train) -> np.ndarray:
     """Prototype of every spot: its k-means label for training spots, else the nearest centroid of its group."""
-    from ._clustering import assign_nearest
+    from ._clustering import RowSubset, assign_nearest
 
-    labels = np.empty(len(feats), dtype=np.int64)
+    labels = np.empty(feats.shape[0], dtype=np.int64)
     labels[train] = clus.labels
-    other = np.setdiff1d(np.arange(len(feats)), train)
+    other = np.setdiff1d(np.arange(feats.shape[0]), train)
     if len(other) == 0:
         return labels
     if groups is None:
-        labels[other] = assign_nearest(feats[other], clus.centroids)[0]
+        labels[other] = assign_nearest(RowSubset(feats, other), clus.centroids)[0]
         return labels
     for g in np.unique(groups[other]):
         rows = other[groups[other] == g]
         cand = np.flatnonzero(clus.centroid_group == g)
         if len(cand) == 0:  # a group seen only in validation: nearest centroid of any group
             cand = np.arange(len(clus.centroids))
-        labels[rows] = cand[assign_nearest(feats[rows], clus.centroids[cand])[0]]
+        labels[rows] = cand[assign_nearest(RowSubset(feats, rows), clus.centroids[cand])[0]]
     return labels
 
 
@@ -478,7 +498,10 @@ def _fingerprint(params: dict, feats: np.ndarray, adata: AnnData, gene_idx: np.n
     h = hashlib.sha256()
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
     h.update(str(feats.shape).encode())
-    h.update(np.ascontiguousarray(feats[:: max(1, len(feats) // 997)], dtype=np.float32).tobytes())
+    from ._data import take_rows
+
+    h.update(np.ascontiguousarray(take_rows(feats, np.arange(0, feats.shape[0], max(1, feats.shape[0] // 997))),
+                                  dtype=np.float32).tobytes())
     h.update(",".join(adata.var_names[gene_idx][:2000]).encode())
     h.update(train.tobytes())
     return h.hexdigest()

@@ -42,6 +42,10 @@ class SparseRows:
     data: np.ndarray
     n_cols: int
     rows_per_expert: int
+    #: if True, backward keeps the output gradient in ``grad_out`` and leaves the weight gradient to
+    #: :func:`adamw_step` (fused with the update, never stored at full size)
+    defer_wgrad: bool = False
+    grad_out: np.ndarray | None = None
 
     @property
     def n_experts(self) -> int:
@@ -84,6 +88,9 @@ class _SparseFirstLayer(torch.autograd.Function):
             return None, None
         x = ctx.x
         d = dout.contiguous().view(-1, dout.shape[-1]).numpy()
+        if x.defer_wgrad:
+            x.grad_out = d
+            return None, None
         dw = stacked_spmm_wgrad(x.indptr, x.indices, x.data, d, x.rows_per_expert, ctx.n_cols)
         return torch.from_numpy(dw), None
 
@@ -144,17 +151,34 @@ def _has_fused_adamw() -> bool:
 
 
 @torch.no_grad()
-def adamw_step(opt, params: list[torch.Tensor], grads: list[torch.Tensor], act: np.ndarray, lr: torch.Tensor) -> None:
+def adamw_step(opt, params: list[torch.Tensor], grads: list, act: np.ndarray, lr: torch.Tensor,
+               deferred: dict | None = None) -> None:
     """Update experts ``act`` of the stacked ``params`` with ``grads`` (``[len(act), ...]`` each).
 
     Same update as :meth:`StackedAdamW.step` (AdamW, each expert with its own step count and ``lr[e]``),
-    written into ``params`` and ``opt``'s moments in place.
+    written into ``params`` and ``opt``'s moments in place. ``deferred`` maps the position of a parameter
+    whose gradient was left to this step (``grads[i] is None``) to the :class:`SparseRows` input of its
+    first layer: its gradient is built expert by expert and applied at once (:func:`sparse_wgrad_adamw`).
     """
-    act_t = torch.from_numpy(np.asarray(act, dtype=np.int64))
+    act = np.asarray(act, dtype=np.int64)
+    act_t = torch.from_numpy(act)
     opt.steps[act_t] += 1
     state = {id(p): (m, v) for p, m, v in zip(opt.params, opt.exp_avg, opt.exp_avg_sq, strict=True)}
+    for i, x in (deferred or {}).items():
+        from ._kernels import sparse_wgrad_adamw
+
+        t = opt.steps[act_t].double().numpy()
+        lr_a = lr.double()[act_t].numpy()
+        m, v = state[id(params[i])]
+        sparse_wgrad_adamw(x.indptr, x.indices, x.data, x.grad_out, x.rows_per_expert, act,
+                           params[i].detach().numpy(), m.numpy(), v.numpy(), lr_a, 1 - opt.beta1**t,
+                           np.sqrt(1 - opt.beta2**t), beta1=opt.beta1, beta2=opt.beta2,
+                           weight_decay=opt.weight_decay, eps=opt.eps)
+        x.grad_out = None
+    keep = [i for i in range(len(params)) if grads[i] is not None]
+    params, grads = [params[i] for i in keep], [grads[i] for i in keep]
     fused = _has_fused_adamw() and params[0].device.type in ("cpu", "cuda")
-    for j, e in enumerate(np.asarray(act).tolist()):
+    for j, e in enumerate(act.tolist()):
         ps = [p.detach()[e] for p in params]
         gs = [g[j] for g in grads]
         ms = [state[id(p)][0][e] for p in params]
@@ -185,7 +209,8 @@ class BatchBuilder:
     def __init__(self, feats, expr, device: torch.device, *, sparse: bool | None = None):
         self.device = device
         self.expr = expr
-        in_memory = type(feats) is np.ndarray or isinstance(feats, torch.Tensor)
+        # in-memory (writable) arrays go to the device once; memmaps opened read-only, zarr, h5py, dask: per batch
+        in_memory = isinstance(feats, torch.Tensor) or (type(feats) is np.ndarray and feats.flags.writeable)
         self.feats_t = torch.as_tensor(np.ascontiguousarray(feats)).to(device) if in_memory else None
         self.feats = feats
         if sparse is None:

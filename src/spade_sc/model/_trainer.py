@@ -18,7 +18,7 @@ from ._data import ExpressionSource, expert_batches
 from ._heads import ExpertPairs
 from ._loss import soft_clip_loss
 from ._optim import StackedAdamW, cosine_lr
-from ._step import _NAMES, BatchBuilder, adamw_step, head_forward, prefetch, select_params
+from ._step import _NAMES, BatchBuilder, SparseRows, adamw_step, head_forward, prefetch, select_params
 
 __all__ = ["TrainConfig", "train_experts"]
 
@@ -98,13 +98,17 @@ def evaluate_experts(
 
 def _train_step(pairs, opt, inputs, act, act_global, config, total_steps, gen, autocast) -> torch.Tensor:
     x_img, x_expr, m = inputs
+    deferred = None
+    if isinstance(x_expr, SparseRows):  # first expression layer: gradient fused into the update
+        x_expr.defer_wgrad = True
+        deferred = {len(_NAMES) + _NAMES.index("w1"): x_expr}
     loss, p_img, p_expr = _forward_loss(pairs, x_img, x_expr, m, act, act_global, config.temperature, gen, autocast,
                                         train=True)
     loss.sum().backward()
     lr = cosine_lr(config.lr, opt.steps, total_steps)
     params = [getattr(pairs.image, k) for k in _NAMES] + [getattr(pairs.expression, k) for k in _NAMES]
     grads = [p_img[k].grad for k in _NAMES] + [p_expr[k].grad for k in _NAMES]
-    adamw_step(opt, params, grads, act, lr)
+    adamw_step(opt, params, grads, act, lr, deferred)
     return loss.detach()
 
 
