@@ -105,6 +105,30 @@ def _reference_epoch(feats, expr_dense, spots_per_expert, *, proj_dim, batch_siz
     return total
 
 
+def copy_bandwidth(device: str = "cpu", n_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Best-of-``repeats`` bytes/s (read + write) of a large tensor copy."""
+    import torch
+
+    a = torch.ones(n_bytes // 4, device=device)
+    b = torch.empty_like(a)
+    best = np.inf
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n_bytes / best
+
+
+def epoch_adamw_bytes(sizes, batch_size, d, g, p) -> float:
+    """AdamW's memory traffic in one epoch: every step reads parameter, gradient and both moments and writes
+    parameter and moments (7 × 4 bytes) for every parameter of every active expert."""
+    per_expert = (d * p + p + p * p + p + 2 * p) + (g * p + p + p * p + p + 2 * p)
+    steps = sum(-(-int(n) // batch_size) for n in sizes)
+    return 28.0 * per_expert * steps
+
+
 def epoch_flops(sizes, batch_size, d, g, p) -> float:
     head = 4 * d * p + 6 * p * p + 4 * g * p + 6 * p * p
     total = 0.0
@@ -160,7 +184,12 @@ def main() -> None:
     roof_s = flops / gemm
     frac = roof_s / per_epoch
     print(f"GEMM rate (fp32 4096³ torch.mm): {gemm / 1e9:.1f} GFLOP/s; epoch needs {flops / 1e9:.1f} GFLOP "
-          f"-> roofline {roof_s:.2f} s/epoch ({n / roof_s:,.0f} spots·epochs/s)")
+          f"(dense) -> GEMM roofline {roof_s:.2f} s/epoch ({n / roof_s:,.0f} spots·epochs/s)")
+    bw = copy_bandwidth(args.device)
+    opt_s = epoch_adamw_bytes(sizes, bs, FEATURE_DIM, N_GENES, p_dim) / bw
+    print(f"memory bandwidth (tensor copy): {bw / 1e9:.1f} GB/s; AdamW alone must move "
+          f"{epoch_adamw_bytes(sizes, bs, FEATURE_DIM, N_GENES, p_dim) / 1e9:.1f} GB/epoch -> {opt_s:.2f} s/epoch; "
+          f"fraction of max(GEMM, AdamW-bandwidth) bound: {max(roof_s, opt_s) / per_epoch:.3f}")
 
     if args.no_reference:
         speedup = float("nan")

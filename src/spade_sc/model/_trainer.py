@@ -280,10 +280,13 @@ def train_experts(
         with np.errstate(invalid="ignore"):
             improved = np.where(has_val, val_loss < best_loss, True) & ~stopped
         if improved.any():
-            sel = torch.from_numpy(np.flatnonzero(improved)).to(device)
-            with torch.no_grad():
+            with torch.no_grad():  # expert by expert (views): no temporary copy of the selected experts
                 for k, v in pairs.state_dict().items():
-                    best_state[k][sel] = v[sel]
+                    if improved.all():
+                        best_state[k].copy_(v)
+                    else:
+                        for e in np.flatnonzero(improved):
+                            best_state[k][e].copy_(v[e])
             best_loss[improved & has_val] = val_loss[improved & has_val]
         bad_epochs = np.where(improved, 0, bad_epochs + (~stopped))
         if config.patience is not None:
