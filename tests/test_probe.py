@@ -162,7 +162,7 @@ def test_probe_on_toy_data_signal_vs_shuffled(toy):
     test.obsm["X_shuffled"] = test.obsm["X_image"][rng.permutation(test.n_obs)]
     train.obsm["X_shuffled"] = train.obsm["X_image"]
     _, bad = ss.tl.expression_probe(train, test, use_rep="X_shuffled", n_genes=20, layer="counts")
-    assert good["mean_pearson"].iloc[0] > 0.4
+    assert good["mean_pearson"].iloc[0] > 0.2
     assert abs(bad["mean_pearson"].iloc[0]) < 0.15
 
 
