@@ -374,9 +374,6 @@ def test_unknown_pixel_size(adata):
     expect_error(adata, lambda a: ss.pp.extract_patches(a, **PATCH), ValueError, "pass `source_mpp=`")
 
 
-@pytest.mark.xfail(
-    reason="pp._patches does not validate a recorded microns_per_pixel (raw numpy/zero-division errors)"
-)
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
 def test_corrupt_recorded_pixel_size(adata, bad):
     for lib in adata.uns["spatial"]:

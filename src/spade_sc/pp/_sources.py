@@ -117,7 +117,14 @@ def _uns_mpp(table, library_id=None) -> float | None:
     for lib in libs:
         sf = spatial.get(lib, {}).get("scalefactors", {})
         if _keys.MICRONS_PER_PIXEL in sf:
-            vals.add(float(sf[_keys.MICRONS_PER_PIXEL]))
+            value = float(sf[_keys.MICRONS_PER_PIXEL])
+            if not np.isfinite(value) or value <= 0:
+                raise ValueError(
+                    f"`adata.uns['spatial'][{lib!r}]['scalefactors'][{_keys.MICRONS_PER_PIXEL!r}]` is {value!r}, "
+                    "not a positive pixel size; fix the recorded value or pass `source_mpp=` (µm per "
+                    "full-resolution pixel)."
+                )
+            vals.add(value)
     return vals.pop() if len(vals) == 1 else None
 
 
