@@ -90,6 +90,28 @@ GUIDE_ORDER = ["io_and_features", "benchmarks", "performance", "reliability"]
 CORE_PAGES = {"index", "installation", "method", "api", "cli", "changelog", "tutorials"}
 
 
+def _copy_tutorials() -> None:
+    """Copy ``tutorials/*.ipynb`` (the notebooks, executed and committed there) into ``docs/tutorials/``.
+
+    Sphinx only reads documents under its source directory; a copy (not a symlink, which MyST resolves to the
+    real path outside the source tree) keeps the notebooks' relative links working.
+    """
+    import shutil
+
+    dest = HERE / "tutorials"
+    if dest.is_symlink():
+        dest.unlink()
+    dest.mkdir(exist_ok=True)
+    for old in dest.glob("*.ipynb"):
+        if not (ROOT / "tutorials" / old.name).exists():
+            old.unlink()
+    for nb in sorted((ROOT / "tutorials").glob("*.ipynb")):
+        shutil.copy2(nb, dest / nb.name)
+
+
+_copy_tutorials()
+
+
 def _guide_pages() -> list[str]:
     present = {p.stem for p in HERE.glob("*.md")} | {p.stem for p in HERE.glob("*.rst")}
     extra = sorted(present - CORE_PAGES - set(GUIDE_ORDER))

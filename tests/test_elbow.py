@@ -34,6 +34,8 @@ def test_knee_known_answers():
     assert knee(ks, [100, 10, 9, 8, 7]) == 2
     assert knee([2, 4], [3, 1]) == -1  # too few points
     assert knee(ks, [1, 1, 1, 1, 1]) == -1  # flat
+    assert knee(ks, [100, 75, 50, 25, 0]) == -1  # straight on the log-k scale: no elbow
+    assert knee(ks, [100, 99, 98, 90, 0]) == -1  # concave: no elbow
 
 
 def test_stage1_matches_sklearn_and_knee(blobs):

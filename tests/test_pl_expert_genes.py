@@ -106,3 +106,14 @@ def test_heatmap_only_and_errors(fitted):
     with pytest.raises(ValueError, match="n_genes"):
         ss.pl.expert_genes(model, adata, n_genes=0)
     plt.close("all")
+
+
+def test_candidate_genes(fitted):
+    adata, model = fitted
+    fig = ss.pl.expert_genes(model, adata, genes=["TUM1", "IMM1", "STR1", "ADI1", "NEC1", "NOPE"], n_genes=1,
+                             n_patches=0)
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels and set(labels) <= {"TUM1", "IMM1", "STR1", "ADI1", "NEC1"}
+    with pytest.raises(KeyError, match="`genes`"):
+        ss.pl.expert_genes(model, adata, genes=["NOPE"])
+    plt.close("all")

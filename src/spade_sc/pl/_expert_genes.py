@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 
@@ -93,6 +95,7 @@ def expert_genes(
     *,
     n_genes: int = 5,
     n_patches: int = 4,
+    genes: Sequence[str] | None = None,
     layer: str | None = None,
     normalize: bool = True,
     use_rep: str = _keys.IMAGE_REP,
@@ -121,7 +124,10 @@ def expert_genes(
         AnnData (or SpatialData) with expression, image features and experts (``.obs['{key}_expert']`` from
         :func:`~spade_sc.tl.embed`/``fit_spade``; else the model routes ``.obsm[use_rep]``).
     n_genes
-        Marker genes per expert (genes of the model's panel, ``model.genes_``).
+        Marker genes shown per expert.
+    genes
+        Candidate marker genes (default: the model's panel, ``model.genes_``). On real tissue a broader list
+        of well-expressed genes often names the experts better than the panel of highly variable genes.
     n_patches
         Prototype patches per expert (0: heatmap only). Needs the H&E images.
     layer, normalize
@@ -159,14 +165,17 @@ def expert_genes(
         raise ValueError("`model` must be a fitted `ss.SpadeModel`; run `ss.tl.fit_spade` first.")
     table = check_anndata(get_table(adata, table_key))
     labels = _expert_labels(table, model, key, use_rep)
-    panel = [g for g in model.genes_ if g in set(table.var_names)]
+    candidates = list(model.genes_) if genes is None else [str(g) for g in genes]
+    present = set(table.var_names)
+    panel = [g for g in dict.fromkeys(candidates) if g in present]
     if not panel:
-        raise KeyError("none of the model's genes (`model.genes_`) is in `adata.var_names`.")
+        which = "the model's genes (`model.genes_`)" if genes is None else "`genes`"
+        raise KeyError(f"none of {which} is in `adata.var_names`.")
     markers = expert_markers(table, labels, panel, layer=layer, normalize=normalize, n_genes=n_genes)
     n_exp = model.n_experts_
-    genes = list(dict.fromkeys(markers["gene"]))
-    x = _measured(table, genes, layer, normalize) if genes else np.zeros((table.n_obs, 0))
-    means = np.full((n_exp, len(genes)), np.nan)
+    shown = list(dict.fromkeys(markers["gene"]))
+    x = _measured(table, shown, layer, normalize) if shown else np.zeros((table.n_obs, 0))
+    means = np.full((n_exp, len(shown)), np.nan)
     for e in range(n_exp):
         if (labels == e).any():
             means[e] = x[labels == e].mean(0)
@@ -203,22 +212,22 @@ def expert_genes(
             n_patches = 0
 
     # layout: heatmap | patches
-    w_heat = max(3.0, 0.38 * max(1, len(genes)) + 1.8)
+    w_heat = max(3.0, 0.38 * max(1, len(shown)) + 1.8)
     w_patch = 1.1 * n_patches
     height = max(2.5, 0.75 * n_exp + 1.2)
     ratios = [w_heat, w_patch] if n_patches else [w_heat]
     if ax is None:
         fig = plt.figure(figsize=(w_heat + w_patch + 0.8, height))
-        gs = fig.add_gridspec(1, len(ratios), width_ratios=ratios, wspace=0.08)
+        gs = fig.add_gridspec(1, len(ratios), width_ratios=ratios, wspace=0.15)
     else:
         fig = ax.figure
-        gs = ax.get_subplotspec().subgridspec(1, len(ratios), width_ratios=ratios, wspace=0.08)
+        gs = ax.get_subplotspec().subgridspec(1, len(ratios), width_ratios=ratios, wspace=0.15)
         ax.remove()
     hax = fig.add_subplot(gs[0, 0])
     lim = max(1.0, float(np.abs(z).max())) if z.size else 1.0
     im = hax.imshow(z, cmap=cmap, vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
-    hax.set_xticks(range(len(genes)))
-    hax.set_xticklabels(genes, rotation=90, fontsize="small")
+    hax.set_xticks(range(len(shown)))
+    hax.set_xticklabels(shown, rotation=90, fontsize="small")
     counts = np.bincount(labels, minlength=n_exp)
     hax.set_yticks(range(n_exp))
     hax.set_yticklabels([f"expert {e} ({counts[e]})" for e in range(n_exp)])
@@ -229,7 +238,7 @@ def expert_genes(
     # bracket each expert's own genes
     by_exp = markers.groupby("expert")["gene"].apply(list).to_dict()
     for e, gl in by_exp.items():
-        idx = [genes.index(g) for g in gl]
+        idx = [shown.index(g) for g in gl]
         hax.add_patch(plt.Rectangle((min(idx) - 0.5, e - 0.5), len(idx), 1, fill=False, ec="black", lw=1.2))
     hax.set_title("marker genes (mean expression, z-score across experts)", fontsize="medium")
     fig.colorbar(im, ax=hax, fraction=0.03, pad=0.02, label="z-score")

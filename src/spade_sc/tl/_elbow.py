@@ -20,7 +20,8 @@ def knee(ks: Sequence[int], wcss: Sequence[float]) -> int:
     """The elbow of a decreasing curve: the ``k`` farthest below the chord from its first to its last point.
 
     Both axes are scaled to [0, 1] first, with ``k`` on a log scale (as it is drawn, and as ``ks`` is
-    usually a doubling series). Returns ``-1`` when fewer than three finite points exist.
+    usually a doubling series). Returns ``-1`` when fewer than three finite points exist or when the curve
+    never dips below the chord by more than 2 % of its range (no elbow: a straight or concave curve).
     """
     ks = np.asarray(ks, dtype=float)
     y = np.asarray(wcss, dtype=float)
@@ -34,9 +35,12 @@ def knee(ks: Sequence[int], wcss: Sequence[float]) -> int:
     if span <= 0:
         return -1
     yy = (yy - yy[-1]) / span
-    # chord from (0, 1) to (1, 0): y = 1 - x; the elbow lies farthest below it
-    below = (1 - x) - yy
-    return int(kk[int(np.argmax(below))])
+    # chord from (0, 1) to (1, 0): y = 1 - x; the elbow is the interior point farthest below it. A curve that
+    # never dips below the chord by 2 % of its range (a straight or concave one) has no elbow.
+    below = ((1 - x) - yy)[1:-1]
+    if below.max() <= 0.02:
+        return -1
+    return int(kk[1 + int(np.argmax(below))])
 
 
 def elbow(
@@ -49,7 +53,7 @@ def elbow(
     n_prototypes: int | None = None,
     max_spots_per_group: int | None = None,
     random_state: int | None = 0,
-    backend: str = "sklearn",
+    backend: str = "auto",
     key_added: str = ELBOW_KEY,
     table_key: str | None = None,
     copy: bool = False,
@@ -89,7 +93,8 @@ def elbow(
     random_state
         Seed of the k-means and of the subsets.
     backend
-        ``"sklearn"`` or ``"faiss"`` (optional dependency) for the k-means.
+        ``"sklearn"``, ``"faiss"`` (optional dependency) or ``"auto"`` (faiss for large inputs when it is
+        installed) for the k-means.
     key_added
         ``.uns`` key written.
     table_key
@@ -120,7 +125,7 @@ def elbow(
     ks = _check_ks("ks", ks)
     if stage2_ks is not None:
         stage2_ks = _check_ks("stage2_ks", stage2_ks)
-    check_choice("backend", backend, ("sklearn", "faiss"))
+    check_choice("backend", backend, ("auto", "sklearn", "faiss"))
     if max_spots_per_group is not None:
         check_positive("max_spots_per_group", max_spots_per_group, integer=True)
     table = check_anndata(get_table(adata, table_key))
