@@ -205,3 +205,23 @@ def test_spatialdata_errors():
     with pytest.raises(ValueError, match="coordinate system"):
         ss.pl.experts(sdata, coordinate_system="aligned")
     plt.close("all")
+
+
+def test_spatialdata_from_io_matches_anndata(fitted, tmp_path):
+    """`ss.io.to_spatialdata` gives each library its own coordinate system: spots land where AnnData puts them."""
+    adata, _ = fitted
+    sdata = ss.io.to_spatialdata(adata, library_key="library_id")
+    for lib in ("slide0", "slide2"):
+        a = get_slide(adata, library_id=lib)
+        s = get_slide(sdata, library_id=lib)  # coordinate system and image chosen from the library
+        np.testing.assert_allclose(s.xy, a.xy)
+        assert s.radius == pytest.approx(a.radius)
+        np.testing.assert_array_equal(np.asarray(s.image), a.image)
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=DPI)
+    ss.pl.experts(sdata, library_id="slide2", alpha=1.0, ax=ax)
+    png = render(fig, tmp_path / "io.png")
+    sel = (adata.obs["library_id"] == "slide2").to_numpy()
+    codes = adata.obs["spade_expert"].cat.codes.to_numpy()[sel]
+    expected = np.array([to_rgba(c)[:3] for c in default_palette(3)])[codes]
+    np.testing.assert_allclose(pixel(ax, png, adata.obsm["spatial"][sel]), expected, atol=2 / 255)
+    plt.close(fig)

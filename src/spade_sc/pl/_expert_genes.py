@@ -106,7 +106,7 @@ def expert_genes(
     cmap: str = "RdBu_r",
     table_key: str | None = None,
     image_key: str | None = None,
-    coordinate_system: str = "global",
+    coordinate_system: str | None = None,
     ax=None,
 ):
     """What each expert means: its marker genes (heatmap) and its prototype H&E patches (thumbnails).

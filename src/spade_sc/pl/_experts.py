@@ -40,7 +40,7 @@ def experts(
     title: str | None = None,
     table_key: str | None = None,
     image_key: str | None = None,
-    coordinate_system: str = "global",
+    coordinate_system: str | None = None,
     ax=None,
 ):
     """Draw the spots of one slide over its H&E image, coloured by what SPADE learned.
@@ -52,8 +52,8 @@ def experts(
     Spots are drawn as circles of their true diameter at the image's scale: AnnData images come from
     ``.uns['spatial'][library_id]['images'][img_res_key]`` with the matching
     ``scalefactors['tissue_{res}_scalef']``; SpatialData images are placed with the image element's
-    transformation to ``coordinate_system`` (and the spots with that of the element the table annotates),
-    using the coarsest resolution level that still shows the tissue at about 2000 px.
+    transformation to the coordinate system of the spots (the element the table annotates), using the coarsest
+    resolution level that still shows the tissue at about 2000 px.
 
     Parameters
     ----------
@@ -94,7 +94,9 @@ def experts(
         Axes title (default: slide and what is shown).
     table_key, image_key, coordinate_system
         SpatialData: which table, which image element, and the coordinate system in which image and spots
-        are matched.
+        are matched. By default the coordinate system is the one of the spots' element (``'global'``, or the
+        library's when each library has its own, as :func:`spade_sc.io.to_spatialdata` writes them) and the
+        image is the one in that coordinate system.
     ax
         Axes to draw into (a new figure when ``None``).
 

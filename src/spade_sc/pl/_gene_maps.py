@@ -112,7 +112,7 @@ def gene_maps(
     cmap: str = "viridis",
     table_key: str | None = None,
     image_key: str | None = None,
-    coordinate_system: str = "global",
+    coordinate_system: str | None = None,
     ax=None,
 ):
     """Measured and predicted expression of ``genes`` side by side on one slide (one row per gene).

@@ -100,7 +100,7 @@ def get_slide(
     table_key: str | None = None,
     image_key: str | None = None,
     img_res_key: str | None = None,
-    coordinate_system: str = "global",
+    coordinate_system: str | None = None,
     spot_size: float | None = None,
     target_px: int | None = 2000,
     show_image: bool = True,
@@ -199,10 +199,13 @@ def _slide_spatialdata(
             f"no spot coordinates: `adata.obsm[{spatial_key!r}]` is missing and the table does not annotate "
             "a shapes element; pass `spatial_key=`."
         )
-    if shapes is not None:
-        m_spot = _affine(shapes, coordinate_system, f"shapes element {region!r}")
-    elif region is not None and region in sdata.points:
-        m_spot = _affine(sdata.points[region], coordinate_system, f"points element {region!r}")
+    element = shapes if shapes is not None else (sdata.points[region] if region in sdata.points else None)
+    spot_systems = list(_systems(element)) if element is not None else []
+    image_systems = {k: _systems(v) for k, v in sdata.images.items()}
+    if coordinate_system is None:
+        coordinate_system = _choose_system(spot_systems, image_systems, image_key, lib)
+    if element is not None:
+        m_spot = _affine(element, coordinate_system, f"element {region!r}")
     else:
         m_spot = np.eye(3)
     if spot_size is None:
@@ -211,16 +214,21 @@ def _slide_spatialdata(
         else:
             spot_size = 0.8 * _spacing(xy)
     image, m = None, m_spot
+    if image_key is not None and image_key not in sdata.images:
+        raise KeyError(f"`image_key={image_key!r}` is not an image of this SpatialData (images: {list(sdata.images)}).")
     if show_image and len(sdata.images):
         if image_key is None:
-            if len(sdata.images) > 1:
+            same = [k for k, cs in image_systems.items() if coordinate_system in cs]
+            if len(same) > 1 and lib is not None:
+                named = [k for k in same if str(lib) in k]
+                same = named if len(named) == 1 else same
+            if len(same) > 1:
                 raise ValueError(
-                    f"this SpatialData has {len(sdata.images)} images ({', '.join(map(repr, sdata.images))}); "
-                    "pass `image_key=` to say which one to draw."
+                    f"{len(same)} images are in coordinate system {coordinate_system!r} "
+                    f"({', '.join(map(repr, same))}); pass `image_key=` to say which one to draw."
                 )
-            image_key = next(iter(sdata.images))
-        if image_key not in sdata.images:
-            raise KeyError(f"`image_key={image_key!r}` is not an image of this SpatialData (images: {list(sdata.images)}).")
+            image_key = same[0] if same else None
+    if show_image and image_key is not None:
         levels = _levels(sdata.images[image_key])
         # coarsest level on which the spots still span `target_px` pixels
         chosen = None
@@ -234,10 +242,31 @@ def _slide_spatialdata(
                 break
         da, m = chosen
         image = da.transpose("y", "x", "c") if "c" in da.dims else da.transpose("y", "x")
-    elif image_key is not None:
-        raise KeyError(f"`image_key={image_key!r}` is not an image of this SpatialData (it has no images).")
     scale = float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
     return Slide(table, mask, _apply(m, xy), spot_size * scale / 2, image, lib)
+
+
+def _systems(element) -> dict:
+    from spatialdata.transformations import get_transformation
+
+    return get_transformation(element, get_all=True)
+
+
+def _choose_system(spot_systems: list, image_systems: dict, image_key, lib) -> str:
+    """The coordinate system shared by the spots and the image: the only one, else 'global', else the library's."""
+    cands = list(spot_systems)
+    if image_key is not None and image_key in image_systems:
+        cands = [c for c in cands if c in image_systems[image_key]] if cands else list(image_systems[image_key])
+    if not cands:
+        return "global"
+    if len(cands) == 1:
+        return cands[0]
+    for pick in ("global", None if lib is None else str(lib)):
+        if pick in cands:
+            return pick
+    raise ValueError(
+        f"the spots are in several coordinate systems ({', '.join(map(repr, cands))}); pass `coordinate_system=`."
+    )
 
 
 def _apply(m: np.ndarray, xy: np.ndarray) -> np.ndarray:
