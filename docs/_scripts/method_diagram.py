@@ -73,7 +73,6 @@ def main():
     fig.tight_layout()
     OUT.mkdir(exist_ok=True)
     fig.savefig(OUT / "spade_method.svg")
-    fig.savefig(OUT / "spade_method.png", dpi=110)
 
 
 if __name__ == "__main__":
