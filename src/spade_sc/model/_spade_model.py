@@ -49,7 +49,7 @@ def _hyper_defaults() -> dict:
         "normalize": True,
         "target_sum": 1e4,
         "min_expert_spots": 2,
-        "clustering_backend": "sklearn",
+        "clustering_backend": "auto",
         "precision": "32",
         "random_state": 0,
     }
@@ -85,7 +85,8 @@ class SpadeModel:
     min_expert_spots
         An expert with fewer training spots than this is an error (lower ``n_experts``).
     clustering_backend
-        ``"sklearn"`` or ``"faiss"`` (optional dependency) for stage-1 k-means.
+        ``"sklearn"``, ``"faiss"`` (optional dependency) or ``"auto"`` (faiss for groups of ≥ 50,000 spots
+        when installed) for stage-1 k-means.
     precision
         ``"32"``, or ``"bf16"`` autocast (CUDA only; ignored on CPU where it is slower).
     random_state

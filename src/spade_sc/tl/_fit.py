@@ -36,7 +36,7 @@ def fit_spade(
     patience: int | None = None,
     normalize: bool = True,
     precision: str = "32",
-    clustering_backend: str = "sklearn",
+    clustering_backend: str = "auto",
     checkpoint_dir: str | os.PathLike | None = None,
     key_added: str = _keys.DEFAULT_PREFIX,
     table_key: str | None = None,
@@ -84,7 +84,10 @@ def fit_spade(
     precision
         ``"32"`` or ``"bf16"`` (autocast on CUDA).
     clustering_backend
-        ``"sklearn"`` or ``"faiss"``.
+        Stage-1 k-means: ``"sklearn"``, ``"faiss"`` (optional dependency ``spade_sc[faiss]``), or ``"auto"``:
+        faiss for groups of ≥ 50,000 spots when it is installed, else scikit-learn. Groups larger than
+        65,536 spots are clustered on a random sample of that size, then every spot goes to its nearest
+        centroid.
     checkpoint_dir
         Write a checkpoint after every epoch here (atomically) and resume from it if one exists.
     key_added
