@@ -15,8 +15,10 @@ def _blobs(n_per_class=40, n_classes=3, dim=8, sep=6.0, seed=0):
     centres = rng.normal(size=(n_classes, dim)) * sep
     labels = np.repeat(np.arange(n_classes), n_per_class)
     x = centres[labels] + rng.normal(size=(len(labels), dim))
-    a = AnnData(X=np.zeros((len(labels), 1), np.float32),
-                obs=pd.DataFrame({"label": [f"c{i}" for i in labels]}, index=[f"s{i}" for i in range(len(labels))]))
+    a = AnnData(
+        X=np.zeros((len(labels), 1), np.float32),
+        obs=pd.DataFrame({"label": [f"c{i}" for i in labels]}, index=[f"s{i}" for i in range(len(labels))]),
+    )
     a.obsm["X_emb"] = x.astype(np.float32)
     return a
 
@@ -43,13 +45,16 @@ def test_shuffled_labels_stay_at_chance():
 def test_repeats_match_summary_and_are_reproducible():
     a = _blobs(sep=1.0)
     per = ss.tl.few_shot(a, label_key="label", use_rep="X_emb", shots=(2,), n_repeats=4, return_repeats=True)
-    again = ss.tl.few_shot(a, label_key="label", use_rep="X_emb", shots=(2,), n_repeats=4, return_repeats=True)
+    again = ss.tl.few_shot(
+        a, label_key="label", use_rep="X_emb", shots=(2,), n_repeats=4, return_repeats=True
+    )
     pd.testing.assert_frame_equal(per, again)
     summ = ss.tl.few_shot(a, label_key="label", use_rep="X_emb", shots=(2,), n_repeats=4)
     assert summ["balanced_accuracy_mean"].iloc[0] == pytest.approx(per["balanced_accuracy"].mean())
     assert summ["auc_sd"].iloc[0] == pytest.approx(per["auc"].std(ddof=0))
-    other = ss.tl.few_shot(a, label_key="label", use_rep="X_emb", shots=(2,), n_repeats=4, random_state=5,
-                           return_repeats=True)
+    other = ss.tl.few_shot(
+        a, label_key="label", use_rep="X_emb", shots=(2,), n_repeats=4, random_state=5, return_repeats=True
+    )
     assert not np.allclose(other["balanced_accuracy"], per["balanced_accuracy"])
 
 
@@ -73,7 +78,10 @@ def test_slide_level_pooling():
         shift = 3.0 if slide_label[s] == "pos" else -3.0
         feats.append(rng.normal(size=(spots, 4)) + shift)
         rows += [{"slide": f"sl{s}", "label": slide_label[s]}] * spots
-    a = AnnData(X=np.zeros((n_slides * spots, 1), np.float32), obs=pd.DataFrame(rows, index=[f"s{i}" for i in range(len(rows))]))
+    a = AnnData(
+        X=np.zeros((n_slides * spots, 1), np.float32),
+        obs=pd.DataFrame(rows, index=[f"s{i}" for i in range(len(rows))]),
+    )
     a.obsm["X_emb"] = np.concatenate(feats).astype(np.float32)
     res = ss.tl.few_shot(a, label_key="label", use_rep="X_emb", pool_key="slide", shots=(1, 2), n_repeats=5)
     assert list(res["n_train"] + res["n_test"]) == [n_slides, n_slides]  # slides, not spots

@@ -19,15 +19,18 @@ def fitted(small_toy_master):
     ss.pp.select_genes(data, batch_key="slide", n_top_genes=10)
     ref = data[data.obs["slide"] != "slide2"].copy()
     query = data[data.obs["slide"] == "slide2"].copy()
-    model = ss.tl.fit_spade(ref, batch_key="slide", n_prototypes=4, n_experts=2, proj_dim=32, max_epochs=2,
-                            val_fraction=0.0)
+    model = ss.tl.fit_spade(
+        ref, batch_key="slide", n_prototypes=4, n_experts=2, proj_dim=32, max_epochs=2, val_fraction=0.0
+    )
     return model, ref, query
 
 
 def _tiny(feats, counts):
-    a = AnnData(X=sp.csr_matrix(np.asarray(counts, np.float32)),
-                obs=pd.DataFrame(index=[f"s{i}" for i in range(len(feats))]),
-                var=pd.DataFrame(index=[f"G{i}" for i in range(np.shape(counts)[1])]))
+    a = AnnData(
+        X=sp.csr_matrix(np.asarray(counts, np.float32)),
+        obs=pd.DataFrame(index=[f"s{i}" for i in range(len(feats))]),
+        var=pd.DataFrame(index=[f"G{i}" for i in range(np.shape(counts)[1])]),
+    )
     a.obsm["X_image"] = np.asarray(feats, np.float32)
     return a
 

@@ -81,7 +81,7 @@ def test_probe_matches_hand_computation(tiny, n_comp):
 def test_probe_one_feature_scalar_ridge():
     """One feature, no PCA: w = Σxy / (Σx² + α), α = 100 / (1 · 1) — fully by hand."""
     x_tr = np.array([[1.0], [2.0], [3.0]])
-    c_tr = np.array([[0], [np.e - 1], [np.e**2 - 1]])  # log1p → 0, 1, 2 (only approximately integer: use floats)
+    c_tr = np.array([[0], [np.e - 1], [np.e**2 - 1]])  # rounded below: counts 0, 2, 6
     train = _adata(x_tr, np.round(c_tr))
     x_te = np.array([[1.0], [4.0], [2.0]])
     test = _adata(x_te, np.array([[0.0], [5.0], [1.0]]))

@@ -123,7 +123,9 @@ def few_shot(
         x, labels, _ = _pool(x, labels, groups, label_key, pool_key)
     classes, counts = np.unique(labels, return_counts=True)
     if len(classes) < 2:
-        raise ValueError(f"`adata.obs[{label_key!r}]` has only one class ({classes[0]!r}); few-shot needs ≥ 2.")
+        raise ValueError(
+            f"`adata.obs[{label_key!r}]` has only one class ({classes[0]!r}); few-shot needs ≥ 2."
+        )
     usable = [k for k in shots if counts.min() >= k + 1]
     skipped = sorted(set(shots) - set(usable))
     if skipped:
@@ -154,10 +156,18 @@ def few_shot(
             if len(classes) == 2:
                 auc = roc_auc_score(labels[test] == clf.classes_[1], proba[:, 1])
             else:
-                auc = roc_auc_score(labels[test], proba, multi_class="ovr", average="macro", labels=clf.classes_)
+                auc = roc_auc_score(
+                    labels[test], proba, multi_class="ovr", average="macro", labels=clf.classes_
+                )
             rows.append(
-                {"shots": k, "repeat": rep, "n_train": len(train), "n_test": len(test),
-                 "balanced_accuracy": float(bacc), "auc": float(auc)}
+                {
+                    "shots": k,
+                    "repeat": rep,
+                    "n_train": len(train),
+                    "n_test": len(test),
+                    "balanced_accuracy": float(bacc),
+                    "auc": float(auc),
+                }
             )
     per_draw = pd.DataFrame(rows)
     if return_repeats:

@@ -14,7 +14,7 @@ from .._utils import copy_data, get_table
 from .._validate import check_anndata, check_choice, check_positive, get_counts, get_rep
 from ..model import SpadeModel
 
-__all__ = ["predict_expression", "normalized_expression"]
+__all__ = ["normalized_expression", "predict_expression"]
 
 _CHUNK = 2048
 
@@ -70,7 +70,11 @@ def _retrieve(
     values = np.asarray(values, dtype=np.float64)
     for s in range(0, len(q), _CHUNK):
         sim = q[s : s + _CHUNK] @ r.T
-        top = np.argpartition(-sim, k - 1, axis=1)[:, :k] if k < len(r) else np.tile(np.arange(len(r)), (len(sim), 1))
+        top = (
+            np.argpartition(-sim, k - 1, axis=1)[:, :k]
+            if k < len(r)
+            else np.tile(np.arange(len(r)), (len(sim), 1))
+        )
         top_sim = np.take_along_axis(sim, top, axis=1).astype(np.float64)
         if weighting == "softmax":
             z = top_sim / temperature
@@ -233,8 +237,9 @@ def predict_expression(
 
     # ---------------------------------------------------------------- predict
     if method == "retrieval":
-        pred = _retrieve(q_emb, r_emb, values, k=k, similarity=similarity, weighting=weighting,
-                         temperature=temperature)
+        pred = _retrieve(
+            q_emb, r_emb, values, k=k, similarity=similarity, weighting=weighting, temperature=temperature
+        )
     else:
         from sklearn.linear_model import Ridge
         from sklearn.pipeline import make_pipeline

@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from .._utils import get_table
 from .._validate import check_anndata, check_choice, check_positive, get_counts, get_obs_column, get_rep
 
-__all__ = ["expression_probe", "pearson_columns", "hest_gene_panel"]
+__all__ = ["expression_probe", "hest_gene_panel", "pearson_columns"]
 
 
 def pearson_columns(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
@@ -194,7 +194,7 @@ def expression_probe(
     >>> train = adata[adata.obs["slide"] != "slide3"].copy()
     >>> test = adata[adata.obs["slide"] == "slide3"].copy()
     >>> results, summary = ss.tl.expression_probe(train, test, use_rep="X_image", n_genes=20, slide_key="slide")
-    >>> summary["mean_pearson"].iloc[0] > 0
+    >>> bool(summary["mean_pearson"].iloc[0] > 0)
     True
     """
     from sklearn.decomposition import PCA
@@ -226,9 +226,15 @@ def expression_probe(
         raise ValueError("`train` needs at least 2 spots to fit a probe.")
     counts_train = get_counts(train, layer)
     counts_test = get_counts(test, layer)
-    slides = get_obs_column(test, slide_key, what="slide_key") if slide_key is not None else np.full(test.n_obs, "all")
+    slides = (
+        get_obs_column(test, slide_key, what="slide_key")
+        if slide_key is not None
+        else np.full(test.n_obs, "all")
+    )
     if genes is None:
-        genes = hest_gene_panel([train], n_genes, layer=layer, flavor=gene_selection, restrict_to=test.var_names)
+        genes = hest_gene_panel(
+            [train], n_genes, layer=layer, flavor=gene_selection, restrict_to=test.var_names
+        )
     else:
         genes = [str(g) for g in genes]
         if len(genes) == 0:
@@ -280,6 +286,6 @@ def expression_probe(
         "dimreduce": dimreduce,
         "n_components": n_components,
         "target_sum": target_sum,
-        "n_train": int(len(x_train)),
+        "n_train": len(x_train),
     }
     return results, summary
