@@ -110,7 +110,9 @@ def test_routing_invariant_to_centroid_order_and_equivariant_to_expert_labels(
 def test_routing_invariant_to_translation(seed, n, k, d, e_frac, tau, scale, shift):
     e = _e(k, e_frac)
     x, c, c2e = _routing_problem(seed, n, k, d, e)
-    t = np.float32(shift) * np.ones(d, np.float32)
+    # translate in float64: float32 rounding of x + t would be amplified by 1 / (scale · tau) up to 200
+    t = np.float64(shift) * np.ones(d)
+    x, c = x.astype(np.float64), c.astype(np.float64)
     w = numpy_routing(x, c, c2e, e, tau, scale)
     np.testing.assert_allclose(numpy_routing(x + t, c + t, c2e, e, tau, scale), w, atol=1e-6)
 
