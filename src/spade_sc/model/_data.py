@@ -6,7 +6,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-__all__ = ["ExpressionSource", "size_factors", "expert_batches", "take_rows"]
+__all__ = ["ExpressionSource", "size_factors", "panel_values", "expert_batches", "take_rows"]
 
 TARGET_SUM = 1e4
 
@@ -57,12 +57,32 @@ def _row_totals(x, chunk: int = 65536) -> np.ndarray:
     return out
 
 
-def size_factors(x, target_sum: float = TARGET_SUM) -> np.ndarray:
-    """``target_sum / total counts`` of each row (over all genes), 0 for empty rows."""
+def _size_factors64(x, target_sum: float) -> np.ndarray:
     totals = _row_totals(x)
     with np.errstate(divide="ignore"):
-        f = np.where(totals > 0, target_sum / totals, 0.0)
-    return f.astype(np.float32)
+        return np.where(totals > 0, target_sum / totals, 0.0)
+
+
+def size_factors(x, target_sum: float = TARGET_SUM) -> np.ndarray:
+    """``target_sum / total counts`` of each row (over all genes), 0 for empty rows."""
+    return _size_factors64(x, target_sum).astype(np.float32)
+
+
+def panel_values(x, col_idx: np.ndarray, *, target_sum: float | None = TARGET_SUM, log1p: bool = True) -> np.ndarray:
+    """Dense float64 ``[n_obs, len(col_idx)]`` of selected genes, the one place spot-level normalisation lives.
+
+    ``target_sum`` scales each row to that many counts (totals over *all* genes; ``None``: no scaling), then
+    ``log1p`` when asked: ``target_sum=1e4, log1p=True`` is scanpy's ``normalize_total`` + ``log1p`` (SPADE's
+    scale); ``target_sum=None, log1p=False`` returns the values as they are.
+    """
+    col_idx = np.asarray(col_idx)
+    if sp.issparse(x):
+        sub = sp.csr_matrix(x)[:, col_idx].toarray().astype(np.float64)
+    else:
+        sub = np.asarray(x)[:, col_idx].astype(np.float64)
+    if target_sum is not None:
+        sub *= _size_factors64(x, target_sum)[:, None]
+    return np.log1p(sub) if log1p else sub
 
 
 class ExpressionSource:

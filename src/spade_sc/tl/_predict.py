@@ -34,19 +34,10 @@ def normalized_expression(
             f"{len(missing)} genes are not in the reference's `var_names` (e.g. {', '.join(map(str, missing[:5]))}); "
             "pass `genes=` with genes the reference has."
         )
-    if sp.issparse(counts):
-        counts = sp.csr_matrix(counts)
-        sub = counts[:, pos].toarray().astype(np.float64)
-        totals = np.asarray(counts.sum(1)).ravel().astype(np.float64)
-    else:
-        counts = np.asarray(counts)
-        sub = counts[:, pos].astype(np.float64)
-        totals = counts.sum(1).astype(np.float64)
-    if not normalize:
-        return sub.astype(np.float32)
-    with np.errstate(divide="ignore"):
-        f = np.where(totals > 0, target_sum / totals, 0.0)
-    return np.log1p(sub * f[:, None]).astype(np.float32)
+    from ..model._data import panel_values
+
+    values = panel_values(counts, pos, target_sum=target_sum if normalize else None, log1p=normalize)
+    return values.astype(np.float32)
 
 
 def _retrieve(

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from .._utils import get_table
 from .._validate import check_anndata, check_choice, check_positive, get_counts, get_obs_column, get_rep
@@ -36,19 +35,9 @@ def pearson_columns(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
 
 def _log1p_targets(x, col_idx: np.ndarray, target_sum: float | None) -> np.ndarray:
     """``log1p`` of the selected columns of raw counts, optionally after scaling each row to ``target_sum``."""
-    if sp.issparse(x):
-        x = sp.csr_matrix(x)
-        sub = x[:, col_idx].toarray().astype(np.float64)
-        totals = np.asarray(x.sum(1)).ravel().astype(np.float64)
-    else:
-        x = np.asarray(x)
-        sub = x[:, col_idx].astype(np.float64)
-        totals = x.sum(1).astype(np.float64)
-    if target_sum is not None:
-        with np.errstate(divide="ignore"):
-            f = np.where(totals > 0, target_sum / totals, 0.0)
-        sub = sub * f[:, None]
-    return np.log1p(sub)
+    from ..model._data import panel_values
+
+    return panel_values(x, col_idx, target_sum=target_sum, log1p=True)
 
 
 def hest_gene_panel(
