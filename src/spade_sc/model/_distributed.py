@@ -43,7 +43,6 @@ class Comm:
 
     def all_reduce_sum(self, t):
         """Sum a tensor over ranks, in place (moved to the backend's device and back if needed)."""
-        import torch
         import torch.distributed as dist
 
         dev = _backend_device()
