@@ -14,6 +14,7 @@ import torch
 
 from .._logging import logger
 from .._utils import progress
+from ._best_weights import BestWeights
 from ._data import ExpressionSource, expert_batches
 from ._heads import ExpertPairs
 from ._loss import soft_clip_loss
@@ -216,7 +217,7 @@ def train_experts(
     )
     has_val = np.array([len(v) > 0 for v in val_spots])
     best_loss = np.full(n_experts, np.inf)
-    best_state = {k: v.detach().clone() for k, v in pairs.state_dict().items()}
+    best = None  # created below (after a resume: from the checkpoint's copy)
     bad_epochs = np.zeros(n_experts, dtype=np.int64)
     stopped = np.zeros(n_experts, dtype=bool)
     rows: list[dict] = []
@@ -234,7 +235,7 @@ def train_experts(
         if loaded is not None:
             meta, state = loaded
             pairs.load_state_dict({k[6:]: v.to(device) for k, v in state.items() if k.startswith("model.")})
-            best_state = {k[5:]: v.to(device) for k, v in state.items() if k.startswith("best.")}
+            best = BestWeights({k[5:]: v.to(device) for k, v in state.items() if k.startswith("best.")}, spill=False)
             opt.load_state_dict({k[4:]: v.to(device) if k != "opt.steps" else v for k, v in state.items() if k.startswith("opt.")})
             opt.steps = opt.steps.cpu()
             best_loss = np.array(meta["best_loss"], dtype=np.float64)
@@ -244,6 +245,9 @@ def train_experts(
             start_epoch = meta["epoch"] + 1
             logger.info("resumed from checkpoint in %s at epoch %d", ckpt, start_epoch)
 
+    if best is None:
+        # checkpoints save the copy with the model, so it stays in memory; otherwise large models keep it on disk
+        best = BestWeights(pairs.state_dict(), spill=False if ckpt is not None else None)
     bar = progress(range(start_epoch, config.max_epochs), desc="fit_spade", unit="epoch", initial=start_epoch,
                    total=config.max_epochs)
     for epoch in bar:
@@ -280,13 +284,7 @@ def train_experts(
         with np.errstate(invalid="ignore"):
             improved = np.where(has_val, val_loss < best_loss, True) & ~stopped
         if improved.any():
-            with torch.no_grad():  # expert by expert (views): no temporary copy of the selected experts
-                for k, v in pairs.state_dict().items():
-                    if improved.all():
-                        best_state[k].copy_(v)
-                    else:
-                        for e in np.flatnonzero(improved):
-                            best_state[k][e].copy_(v[e])
+            best.update(pairs.state_dict(), np.flatnonzero(improved))
             best_loss[improved & has_val] = val_loss[improved & has_val]
         bad_epochs = np.where(improved, 0, bad_epochs + (~stopped))
         if config.patience is not None:
@@ -298,7 +296,7 @@ def train_experts(
         bar.set_postfix(train=_fmt_mean(train_loss), val=_fmt_mean(val_loss))
         if ckpt is not None:
             tensors = {f"model.{k}": v for k, v in pairs.state_dict().items()}
-            tensors.update({f"best.{k}": v for k, v in best_state.items()})
+            tensors.update({f"best.{k}": v for k, v in best.state_dict().items()})
             tensors.update({f"opt.{k}": v for k, v in opt.state_dict().items()})
             meta = {
                 "fingerprint": fingerprint,
@@ -310,7 +308,8 @@ def train_experts(
             }
             _atomic_save(tensors, meta, ckpt)
     bar.close()
-    pairs.load_state_dict(best_state)
+    best.load_into(pairs)
+    best.close()
     if comm is not None:  # each expert's weights from the rank that trained it
         with torch.no_grad():
             keep = torch.from_numpy(mine).to(device)
