@@ -45,7 +45,33 @@ HEST_PRESETS: dict[str, dict] = {
 
 
 def read_hest_metadata(meta) -> pd.DataFrame:
-    """The HEST metadata table (``HEST_v*.csv``) as a DataFrame (a DataFrame is returned unchanged)."""
+    """The HEST metadata table (``HEST_v*.csv``) as a DataFrame (a DataFrame is returned unchanged).
+
+    Parameters
+    ----------
+    meta
+        Path of the table, or of a directory holding it (the HEST root; the newest ``HEST_v*.csv`` there, by
+        name, is read), or the table as a :class:`pandas.DataFrame`.
+
+    Returns
+    -------
+    One row per HEST sample with HEST's columns (``id``, ``organ``, ``species``, ``st_technology``,
+    ``nb_genes``, ``spots_under_tissue``, ...).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist, or the directory holds no ``HEST_v*.csv``.
+
+    Examples
+    --------
+    >>> import spade_sc as ss
+    >>> meta = ss.io.read_hest_metadata("../shared/data/hest")  # doctest: +SKIP
+    >>> meta.shape  # doctest: +SKIP
+    (1229, 28)
+    >>> meta.loc[meta["organ"] == "Breast", "id"].tolist()[:3]  # doctest: +SKIP
+    ['TENX99', 'TENX98', 'TENX97']
+    """
     if isinstance(meta, pd.DataFrame):
         return meta
     path = Path(meta)
@@ -290,6 +316,13 @@ def read_hest_patches(root, sample_id: str | None = None):
     -------
     :class:`spade_sc.pp.Patches` (224 × 224 px at 0.5 µm/px): ``images`` read on demand, ``obs_names`` =
     barcodes, ``coords`` = top-left corners in WSI pixels (centres are ``coords + 112 · 0.5 / mpp``).
+
+    Examples
+    --------
+    >>> import spade_sc as ss
+    >>> patches = ss.io.read_hest_patches("data/hest", "TENX95")  # doctest: +SKIP
+    >>> patches = ss.io.read_hest_patches("data/hest/patches/TENX95.h5")  # doctest: +SKIP
+    >>> patches[0].shape, patches.obs_names[:2]  # doctest: +SKIP
     """
     from ..pp._patches import Patches
 

@@ -218,7 +218,15 @@ def to_anndata(sdata, *, table_key: str | None = None, spatial_key: str = _keys.
 
     Returns
     -------
-    A copy of the table.
+    A copy of the table, with spot centres in ``.obsm[spatial_key]``.
+
+    Examples
+    --------
+    >>> import spade_sc as ss
+    >>> sdata = ss.io.to_spatialdata(ss.datasets.toy())
+    >>> adata = ss.io.to_anndata(sdata)
+    >>> adata.shape, adata.obsm["spatial"].shape
+    ((1600, 300), (1600, 2))
     """
     from ..pp._sources import _shape_centres
 

@@ -172,8 +172,27 @@ class SpadeModel:
     ) -> SpadeModel:
         """Cluster the image features and train the experts. Writes nothing into ``adata``.
 
-        See :func:`spade_sc.tl.fit_spade` for the parameters. The spots' prototype and expert labels are
-        kept in ``train_labels_`` (a DataFrame indexed like ``adata.obs``).
+        See :func:`spade_sc.tl.fit_spade` for the parameters (the hyper-parameters are the model's, set when
+        it is created). The spots' prototype and expert labels are kept in ``train_labels_`` (a DataFrame
+        indexed like ``adata.obs``).
+
+        Returns
+        -------
+        The model itself, fitted: ``centroids_``, ``centroid_to_expert_``, ``centroid_group_``,
+        ``distance_scale_``, ``genes_``, ``feature_dim_``, ``history_`` and ``train_labels_`` (columns
+        ``prototype``, ``expert``, ``split``) are set.
+
+        Examples
+        --------
+        >>> import spade_sc as ss
+        >>> adata = ss.datasets.toy()
+        >>> model = ss.SpadeModel(n_prototypes=8, n_experts=4, max_epochs=5).fit(adata, batch_key="slide")
+        >>> model
+        SpadeModel(8 prototypes → 4 experts, 64-d image features, 300 genes, 256-d joint space)
+        >>> list(model.train_labels_.columns)
+        ['prototype', 'expert', 'split']
+
+        :func:`spade_sc.tl.fit_spade` does the same and also writes the labels into ``adata``.
         """
         import torch
 
@@ -271,7 +290,38 @@ class SpadeModel:
 
     # ------------------------------------------------------------------ inference
     def route(self, features: np.ndarray, *, tau: float = 0.1) -> np.ndarray:
-        """Routing weights ``[n, n_experts]`` (rows sum to 1) of image features ``[n, D]``."""
+        """Routing weights ``[n, n_experts]`` (rows sum to 1) of image features ``[n, D]``.
+
+        The softmax over the stage-1 centroids of ``-d_k / (distance_scale_ · tau)``, summed over each
+        expert's centroids (see :func:`spade_sc.tl.embed`). No threshold is applied (``routing_eps`` is
+        :meth:`get_embedding`'s).
+
+        Parameters
+        ----------
+        features
+            Image features ``[n, feature_dim_]`` from the encoder used at fit time (a NumPy array, memmap or
+            another array read chunk by chunk).
+        tau
+            Routing temperature, in units of ``distance_scale_`` (SPADE: 0.1).
+
+        Returns
+        -------
+        float32 array ``[n, n_experts_]``; each row sums to 1.
+
+        Raises
+        ------
+        ValueError
+            If ``features`` is not ``[n, feature_dim_]`` or holds NaN or infinite values.
+
+        Examples
+        --------
+        >>> import spade_sc as ss
+        >>> adata = ss.datasets.toy()
+        >>> model = ss.tl.fit_spade(adata, batch_key="slide", n_prototypes=8, n_experts=4, max_epochs=5)
+        >>> weights = model.route(adata.obsm["X_image"], tau=0.1)
+        >>> weights.shape, bool(abs(weights.sum(axis=1) - 1).max() < 1e-5)
+        ((1600, 4), True)
+        """
         import torch
 
         from ._routing import routing_weights
@@ -329,6 +379,33 @@ class SpadeModel:
         more than 1e-4 (:data:`spade_sc.model._routing.DEFAULT_ROUTING_ATOL`):
         ``eps = 1e-4 / (2 · (n_experts - 1) · R)``, ``R`` the bound of the heads' LayerNorm outputs
         (:func:`spade_sc.model._routing.head_output_bound`).
+
+        Parameters
+        ----------
+        routing_eps
+            A threshold ``≥ 0`` (returned as it is) or ``"auto"``.
+        modality
+            Heads the bound is computed for with ``"auto"``: ``"image"`` or ``"expression"``.
+
+        Returns
+        -------
+        The threshold as a float: routing weights below it are dropped (and the rest renormalised) by
+        :meth:`get_embedding` and :func:`spade_sc.tl.embed`.
+
+        Raises
+        ------
+        ValueError
+            If ``routing_eps`` is negative or a string other than ``"auto"``.
+
+        Examples
+        --------
+        >>> import spade_sc as ss
+        >>> adata = ss.datasets.toy()
+        >>> model = ss.tl.fit_spade(adata, batch_key="slide", n_prototypes=8, n_experts=4, max_epochs=5)
+        >>> 0 < model.resolve_routing_eps("auto") < 1e-4
+        True
+        >>> model.resolve_routing_eps(0)  # keep every expert
+        0.0
         """
         from ._routing import auto_routing_eps, head_output_bound
 
@@ -355,6 +432,23 @@ class SpadeModel:
         """Embed spots; returns ``(embedding [n, proj_dim] float32, routing weights [n, n_experts])``.
 
         Writes nothing. See :func:`spade_sc.tl.embed` for the parameters.
+
+        Returns
+        -------
+        ``(embedding, weights)``: the float32 joint-space embedding ``[n_obs, proj_dim]`` (of the image
+        features, or of the expression with ``modality="expression"``) and the routing weights
+        ``[n_obs, n_experts_]`` used (rows sum to 1, after dropping weights below ``routing_eps``).
+
+        Examples
+        --------
+        >>> import spade_sc as ss
+        >>> adata = ss.datasets.toy()
+        >>> model = ss.tl.fit_spade(adata, batch_key="slide", n_prototypes=8, n_experts=4, max_epochs=5)
+        >>> embedding, weights = model.get_embedding(adata)
+        >>> embedding.shape, embedding.dtype, weights.shape
+        ((1600, 256), dtype('float32'), (1600, 4))
+        >>> "X_spade" in adata.obsm  # nothing written; ss.tl.embed writes it
+        False
         """
         from ._routing import sparsify_weights
 
@@ -394,7 +488,30 @@ class SpadeModel:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into directory ``path`` (no pickle)."""
+        """Write ``config.json`` and ``model.safetensors`` into directory ``path`` (no pickle).
+
+        ``config.json`` holds the format and package versions, the hyper-parameters, the gene panel and the
+        feature size; ``model.safetensors`` the heads, centroids and centroid → expert map.
+
+        Parameters
+        ----------
+        path
+            Directory to write (created if needed).
+        overwrite
+            Write into ``path`` even if it exists and is not empty; otherwise that raises ``FileExistsError``.
+
+        Returns
+        -------
+        ``None``.
+
+        Examples
+        --------
+        >>> import spade_sc as ss
+        >>> adata = ss.datasets.toy()
+        >>> model = ss.tl.fit_spade(adata, batch_key="slide", n_prototypes=8, n_experts=4, max_epochs=5)
+        >>> model.save("spade_model")  # doctest: +SKIP
+        >>> model = ss.SpadeModel.load("spade_model")  # doctest: +SKIP
+        """
         from ._serialization import save_model
 
         self._require_fitted()
@@ -402,7 +519,27 @@ class SpadeModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | None = None) -> SpadeModel:
-        """Load a model written by :meth:`save`."""
+        """Load a model written by :meth:`save`.
+
+        The format version is checked; the weights are read from safetensors (no pickle).
+
+        Parameters
+        ----------
+        path
+            Directory written by :meth:`save`.
+        device
+            Torch device of the model (``None``: CUDA when available, else CPU).
+
+        Returns
+        -------
+        The fitted :class:`SpadeModel`; it embeds exactly as the saved one.
+
+        Examples
+        --------
+        >>> import spade_sc as ss
+        >>> model = ss.SpadeModel.load("spade_model")  # doctest: +SKIP
+        >>> ss.tl.embed(adata, model)  # doctest: +SKIP
+        """
         from ._serialization import load_model
 
         return load_model(cls, Path(path), device=device)
@@ -416,6 +553,27 @@ class SpadeModel:
         are read with ``torch.load(..., weights_only=True)`` (a file that would run code is refused); the model
         routes with the authors' raw distances (``distance_scale_ = 1``). Parameters in full:
         :func:`spade_sc.model._interop.from_spade_checkpoints`.
+
+        Parameters
+        ----------
+        *args, **kwargs
+            ``expert_files`` (one ``.pt`` per expert, in expert order), ``centroids`` (``centroids.npy`` or
+            a ``[K, D]`` array), ``centroid_to_expert`` (``reassigned_clusters.npy`` or a ``[K]`` array), and
+            the keyword-only ``genes`` (the expression head's gene panel, in order), ``centroid_group``,
+            ``normalize``, ``target_sum``, ``dropout``, ``device``.
+
+        Returns
+        -------
+        A fitted :class:`SpadeModel`, to use with :func:`spade_sc.tl.embed` and to save with :meth:`save`.
+
+        Examples
+        --------
+        >>> import spade_sc as ss
+        >>> files = [f"spade_release/expert_{e}.pt" for e in range(16)]
+        >>> model = ss.SpadeModel.from_spade_checkpoints(
+        ...     files, "spade_release/centroids.npy", "spade_release/reassigned_clusters.npy", genes=panel
+        ... )  # doctest: +SKIP
+        >>> ss.tl.embed(adata, model, tau=0.1)  # doctest: +SKIP
         """
         from ._interop import from_spade_checkpoints
 

@@ -30,7 +30,23 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class EncoderAccessError(RuntimeError):
-    """The weights of an encoder could not be obtained (gated model without access, or no network)."""
+    """The weights of an encoder could not be obtained (gated model without access, or no network).
+
+    Raised by :func:`build_encoder` (and so by :func:`~spade_sc.pp.extract_features`) when downloading a
+    registry encoder's weights from the Hugging Face hub fails: the model is gated and this account has no
+    access (or is not logged in), the network cannot be reached, or ``HF_HUB_OFFLINE`` is set. The message
+    says how to get access, or to pass a local checkpoint with ``weights=PATH``. A subclass of
+    :class:`RuntimeError`.
+
+    Examples
+    --------
+    >>> import spade_sc as ss
+    >>> try:  # doctest: +SKIP
+    ...     module, info = ss.pp.build_encoder("uni")
+    ... except ss.pp.EncoderAccessError as err:  # no access to the gated weights, or offline
+    ...     print(err)  # what to do: request access, log in, or pass `weights=PATH`
+    ...     module, info = ss.pp.build_encoder("uni", weights="uni/pytorch_model.bin")
+    """
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,15 @@ class EncoderInfo:
         Model card.
     description
         One line.
+
+    Examples
+    --------
+    >>> import spade_sc as ss
+    >>> info = ss.pp.get_encoder_info("efficientnet_lite0")
+    >>> info.out_dim, info.input_size, info.gated
+    (1280, 224, False)
+    >>> info.to_dict()["license"]
+    'Apache-2.0'
     """
 
     name: str
@@ -192,12 +217,47 @@ ENCODERS: dict[str, EncoderInfo] = {
 
 
 def list_encoders() -> list[str]:
-    """Names of the registered encoders."""
+    """Names of the registered encoders.
+
+    Returns
+    -------
+    The registry names, in registry order; each is a valid ``model=`` of
+    :func:`~spade_sc.pp.extract_features` and ``name`` of :func:`build_encoder` / :func:`get_encoder_info`.
+
+    Examples
+    --------
+    >>> import spade_sc as ss
+    >>> ss.pp.list_encoders()
+    ['uni', 'uni2-h', 'virchow2', 'h-optimus-0', 'conch', 'phikon', 'resnet50', 'efficientnet_lite0']
+    """
     return list(ENCODERS)
 
 
 def get_encoder_info(name: str) -> EncoderInfo:
-    """Registry entry of ``name`` (case-insensitive; ``_`` and ``-`` are interchangeable)."""
+    """Registry entry of ``name`` (case-insensitive; ``_`` and ``-`` are interchangeable).
+
+    Parameters
+    ----------
+    name
+        Registry name (see :func:`list_encoders`), e.g. ``"uni"`` or ``"efficientnet-lite0"``.
+
+    Returns
+    -------
+    The :class:`EncoderInfo` of the encoder: feature dimension, input size and normalisation, licence, whether
+    the weights are gated and how to get them. Nothing is downloaded.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not in the registry.
+
+    Examples
+    --------
+    >>> import spade_sc as ss
+    >>> info = ss.pp.get_encoder_info("UNI")
+    >>> info.name, info.out_dim, info.gated
+    ('uni', 1024, True)
+    """
     key = str(name).lower()
     for cand in (key, key.replace("_", "-"), key.replace("-", "_")):
         if cand in ENCODERS:
@@ -356,6 +416,28 @@ def build_encoder(name: str, *, weights=None, model_kwargs: dict | None = None, 
     -------
     ``(module, info)``: a ``torch.nn.Module`` mapping ``(n, 3, s, s)`` normalised tensors to ``(n, out_dim)``
     features, and the :class:`EncoderInfo`.
+
+    Raises
+    ------
+    EncoderAccessError
+        If the weights cannot be downloaded (gated model without access, or no network).
+
+    Examples
+    --------
+    The offline baseline ships its weights with ``spade_sc``:
+
+    >>> import torch
+    >>> import spade_sc as ss
+    >>> module, info = ss.pp.build_encoder("efficientnet_lite0")
+    >>> with torch.no_grad():
+    ...     features = module(torch.zeros(2, 3, info.input_size, info.input_size))
+    >>> tuple(features.shape)
+    (2, 1280)
+
+    Gated foundation models are downloaded from the Hugging Face hub, or read from a local checkpoint:
+
+    >>> module, info = ss.pp.build_encoder("uni")  # doctest: +SKIP
+    >>> module, info = ss.pp.build_encoder("uni", weights="uni/pytorch_model.bin")  # doctest: +SKIP
     """
     info = get_encoder_info(name)
     kwargs = _resolve_kwargs({**info.timm_kwargs, **(model_kwargs or {})})

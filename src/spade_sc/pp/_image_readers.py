@@ -346,7 +346,22 @@ def open_image(image, *, channels_first: bool | None = None) -> ImageReader:
 
     Returns
     -------
-    An :class:`ImageReader`.
+    An :class:`ImageReader` (``image`` itself when it already is one): ``shape`` is ``(height, width)`` of the
+    full resolution, and ``read_region(level, x0, y0, width, height)`` returns an RGB uint8 array.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import spade_sc as ss
+    >>> reader = ss.pp.open_image(np.zeros((100, 200, 3), dtype=np.uint8))
+    >>> reader.shape
+    (100, 200)
+    >>> reader.read_region(0, 0, 0, 10, 5).shape  # level, x0, y0, width, height
+    (5, 10, 3)
+
+    Files are read lazily, region by region:
+
+    >>> reader = ss.pp.open_image("slide.svs")  # doctest: +SKIP
     """
     if isinstance(image, ImageReader):
         return image

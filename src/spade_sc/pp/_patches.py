@@ -51,18 +51,65 @@ class _H5Images:
 class Patches:
     """Spot patches: ``images`` ``(n, size, size, 3)`` uint8 (in memory or lazily in an ``.h5``) + their spots.
 
+    Returned by :func:`~spade_sc.pp.extract_patches` and :func:`~spade_sc.io.read_hest_patches`; indexing
+    (``patches[i]``, ``patches[i:j]``, ``patches[[i, j]]``) returns NumPy arrays, ``len(patches)`` the number
+    of spots.
+
+    Parameters
+    ----------
+    images
+        Array-like ``(n, size, size, 3)`` of RGB uint8 patches: a NumPy array or anything sliceable with a
+        ``shape`` (e.g. an ``h5py`` dataset read on demand).
+    obs_names
+        Spot (barcode) of each patch, ``n`` names (stored as strings).
+    coords
+        Top-left corner ``(x, y)`` of each patch in full-resolution pixels (HEST's ``coords``), ``(n, 2)``.
+    coverage
+        Fraction of each patch inside the image, ``(n,)``.
+    mpp
+        µm per patch pixel (0.5 for HEST).
+    source
+        Free text naming where the patches come from (shown in the ``repr``).
+
     Attributes
     ----------
     images
         Array-like of RGB patches.
     obs_names
-        Spot (barcode) of each patch.
+        Spot (barcode) of each patch (object array of ``str``).
     coords
         Top-left corner of each patch in full-resolution pixels (HEST's ``coords``), or ``None``.
     coverage
         Fraction of each patch inside the image (1 for HEST patch files), or ``None``.
     mpp
         µm per patch pixel (0.5 for HEST).
+    source
+        Where the patches come from (a file name, or the images they were cropped from).
+    patch_size
+        Side of the square patches in pixels.
+
+    Raises
+    ------
+    ValueError
+        If ``obs_names`` and ``images`` differ in length, or ``images`` is not ``(n, h, w, 3)``.
+
+    Examples
+    --------
+    >>> import spade_sc as ss
+    >>> adata = ss.datasets.toy()
+    >>> patches = ss.pp.extract_patches(adata, patch_size=32, mpp=2.0)
+    >>> len(patches), patches.patch_size, patches[0].shape
+    (1600, 32, (32, 32, 3))
+    >>> patches.obs_names[0] == adata.obs_names[0]
+    True
+
+    Build one from arrays, write it in HEST's layout and open it again lazily:
+
+    >>> import numpy as np
+    >>> small = ss.pp.Patches(np.zeros((2, 16, 16, 3), np.uint8), ["a", "b"], coords=[[0, 0], [16, 0]])
+    >>> path = small.to_h5("patches/small.h5")  # doctest: +SKIP
+    >>> ss.pp.Patches.from_h5(path)  # doctest: +SKIP
+    Patches(2 × 16×16 px at 0.5 µm/px, small.h5)
     """
 
     def __init__(self, images, obs_names, *, coords=None, coverage=None, mpp: float = 0.5, source: str = ""):

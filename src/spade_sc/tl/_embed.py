@@ -74,6 +74,21 @@ def embed(
     - ``.obsm['{key_added}_expert_weights']``: routing weights (rows sum to 1)
     - ``.obs['{key_added}_expert']``: expert of largest weight (categorical)
     - ``.uns['{key_added}']['embed_params']``
+
+    Examples
+    --------
+    >>> import spade_sc as ss
+    >>> adata = ss.datasets.toy()
+    >>> model = ss.tl.fit_spade(adata, batch_key="slide", n_prototypes=8, n_experts=4, max_epochs=5)
+    >>> ss.tl.embed(adata, model)
+    >>> adata.obsm["X_spade"].shape, adata.obsm["spade_expert_weights"].shape
+    ((1600, 256), (1600, 4))
+
+    Embed the spots' expression with the expression heads (routed by their image), for cross-modal retrieval:
+
+    >>> ss.tl.embed(adata, model, modality="expression")
+    >>> adata.obsm["X_spade_expression"].shape
+    (1600, 256)
     """
     if not isinstance(model, SpadeModel):
         raise TypeError(
