@@ -66,8 +66,11 @@ def elbow(
 
     Examples
     --------
-    >>> ss.tl.elbow(adata, group_key="slide")
-    >>> ss.pl.elbow(adata)
+    >>> import spade_sc as ss
+    >>> adata = ss.datasets.toy()
+    >>> ss.tl.elbow(adata, ks=(2, 4, 8, 16, 32), group_key="slide", n_prototypes=8)
+    >>> fig = ss.pl.elbow(adata)  # both stages
+    >>> ax = ss.pl.elbow(adata, stage=1)
     """
     if stage not in (None, 1, 2):
         raise ValueError(f"`stage` must be 1, 2 or None (both), got {stage!r}.")

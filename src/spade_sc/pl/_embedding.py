@@ -82,8 +82,11 @@ def embedding(
 
     Examples
     --------
+    >>> import spade_sc as ss
+    >>> adata = ss.datasets.toy()
+    >>> model = ss.tl.fit_spade(adata, batch_key="slide", n_prototypes=8, n_experts=4, max_epochs=5)
     >>> ss.tl.embed(adata, model)
-    >>> ss.pl.embedding(adata, color=["expert", "slide", "TUM1"])
+    >>> fig = ss.pl.embedding(adata, color=["expert", "slide", "TUM1"])
     """
     import scanpy as sc
 

@@ -153,7 +153,10 @@ def expert_genes(
 
     Examples
     --------
-    >>> ss.pl.expert_genes(model, adata, n_genes=4, n_patches=4)
+    >>> import spade_sc as ss
+    >>> adata = ss.datasets.toy()
+    >>> model = ss.tl.fit_spade(adata, batch_key="slide", n_prototypes=8, n_experts=4, max_epochs=5)
+    >>> fig = ss.pl.expert_genes(model, adata, n_genes=4, n_patches=4)
     """
     import matplotlib.pyplot as plt
     from matplotlib.patches import Circle

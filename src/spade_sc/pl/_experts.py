@@ -107,9 +107,12 @@ def experts(
     Examples
     --------
     >>> import spade_sc as ss
-    >>> ss.pl.experts(adata, library_id="slide0")
-    >>> ss.pl.experts(adata, library_id="slide0", color="weight", expert=2)
-    >>> ss.pl.experts(adata, library_id="slide0", color="entropy")
+    >>> adata = ss.datasets.toy()
+    >>> model = ss.tl.fit_spade(adata, batch_key="slide", n_prototypes=8, n_experts=4, max_epochs=5)
+    >>> ss.tl.embed(adata, model)
+    >>> ax = ss.pl.experts(adata, library_id="slide0")
+    >>> ax = ss.pl.experts(adata, library_id="slide0", color="weight", expert=2)
+    >>> ax = ss.pl.experts(adata, library_id="slide0", color="entropy")
     """
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D

@@ -151,8 +151,13 @@ def gene_maps(
 
     Examples
     --------
+    >>> import spade_sc as ss
+    >>> adata = ss.datasets.toy()
+    >>> ref = adata[adata.obs["slide"] != "slide3"].copy()
+    >>> query = adata[adata.obs["slide"] == "slide3"].copy()
+    >>> model = ss.tl.fit_spade(ref, batch_key="slide", n_prototypes=8, n_experts=4, max_epochs=5)
     >>> ss.tl.predict_expression(query, model, reference=ref)
-    >>> ss.pl.gene_maps(query, ["TUM1", "IMM1"], layer="counts")
+    >>> fig = ss.pl.gene_maps(query, ["TUM1", "IMM1"], layer="counts")
     """
     import matplotlib.pyplot as plt
 

@@ -49,8 +49,11 @@ def training_curves(
 
     Examples
     --------
-    >>> model = ss.tl.fit_spade(adata, batch_key="slide", n_experts=4, max_epochs=30)
-    >>> ss.pl.training_curves(model)
+    >>> import spade_sc as ss
+    >>> adata = ss.datasets.toy()
+    >>> model = ss.tl.fit_spade(adata, batch_key="slide", n_prototypes=8, n_experts=4, max_epochs=5)
+    >>> ax = ss.pl.training_curves(model)
+    >>> fig = ss.pl.training_curves(model, separate=True)  # one panel per expert
     """
     hist = model if isinstance(model, pd.DataFrame) else getattr(model, "history_", None)
     if hist is None or len(hist) == 0:

@@ -117,7 +117,7 @@ def elbow(
     >>> import spade_sc as ss
     >>> adata = ss.datasets.toy()
     >>> ss.tl.elbow(adata, ks=(2, 4, 8, 16, 32), group_key="slide", n_prototypes=8)
-    >>> ss.pl.elbow(adata)
+    >>> fig = ss.pl.elbow(adata)
     """
     from ..model import two_stage_kmeans, wcss_curve
 
