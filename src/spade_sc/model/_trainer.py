@@ -244,6 +244,7 @@ def train_experts(
             rows = meta["history"]
             start_epoch = meta["epoch"] + 1
             logger.info("resumed from checkpoint in %s at epoch %d", ckpt, start_epoch)
+            del loaded, state  # the loaded tensors were copied into the model, optimizer and best weights
 
     if best is None:
         # checkpoints save the copy with the model, so it stays in memory; otherwise large models keep it on disk
