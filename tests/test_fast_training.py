@@ -93,3 +93,40 @@ def test_prefetch_does_not_change_results(prefetch):
     b, _ = _fit(feats, counts, spots, sparse=False, prefetch=not prefetch, epochs=1)
     for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 8])
+@pytest.mark.parametrize("n_exp", [1, 3])
+def test_column_kernels_match_dense(monkeypatch, threads, n_exp):
+    """Column-major SpMM (split into row blocks when experts < threads) and the fused sparse AdamW update
+    (blocks of 256 columns; 600 genes span three) equal dense torch, for a non-contiguous set of experts."""
+    from spade_sc.model import _kernels
+
+    monkeypatch.setattr(_kernels, "_n_threads", lambda: threads)
+    b, g, p = 5, 600, 4
+    x = sp.random(n_exp * b, g, density=0.05, format="csr", random_state=2, dtype=np.float32)
+    x.indices = x.indices.astype(np.int32)
+    rng = np.random.default_rng(0)
+    w_all = rng.standard_normal((4, g, p)).astype(np.float32)
+    dense = x.toarray().reshape(n_exp, b, g)
+    experts = np.array([3, 0, 2][:n_exp])  # stacked slot of each expert block, not in order
+    out = _kernels.stacked_spmm(x.indptr, x.indices, x.data, np.ascontiguousarray(w_all[experts]), b)
+    np.testing.assert_allclose(out.reshape(n_exp, b, p), dense @ w_all[experts], rtol=1e-5, atol=1e-5)
+
+    dout = rng.standard_normal((n_exp * b, p)).astype(np.float32)
+    w, m, v = w_all.copy(), rng.random(w_all.shape).astype(np.float32), rng.random(w_all.shape).astype(np.float32)
+    lr, bc1, bc2 = np.full(n_exp, 0.01), np.full(n_exp, 0.2), np.full(n_exp, 0.05)
+    want_w, want_m, want_v = torch.from_numpy(w.copy()), torch.from_numpy(m.copy()), torch.from_numpy(v.copy())
+    grad = torch.from_numpy(np.einsum("ebg,ebp->egp", dense, dout.reshape(n_exp, b, p)))
+    for j, e in enumerate(experts):  # AdamW as torch writes it, with the given bias corrections
+        want_w[e].mul_(1 - lr[j] * 0.01)
+        want_m[e].lerp_(grad[j], 0.1)
+        want_v[e].mul_(0.999).addcmul_(grad[j], grad[j], value=0.001)
+        want_w[e].addcdiv_(want_m[e], want_v[e].sqrt() / bc2[j] + 1e-8, value=-lr[j] / bc1[j])
+    _kernels.sparse_wgrad_adamw(x.indptr, x.indices, x.data, dout, b, experts, w, m, v, lr, bc1, bc2,
+                                beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8)
+    np.testing.assert_allclose(m, want_m.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(v, want_v.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(w, want_w.numpy(), rtol=1e-5, atol=1e-6)
+    untouched = [e for e in range(4) if e not in experts]
+    np.testing.assert_array_equal(w[untouched], w_all[untouched])

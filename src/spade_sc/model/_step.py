@@ -46,6 +46,15 @@ class SparseRows:
     #: :func:`adamw_step` (fused with the update, never stored at full size)
     defer_wgrad: bool = False
     grad_out: np.ndarray | None = None
+    _columns: tuple | None = None
+
+    def columns(self) -> tuple:
+        """Column-major copy of each expert's rows (:func:`._kernels.expert_columns`), built once and kept."""
+        if self._columns is None:
+            from ._kernels import expert_columns
+
+            self._columns = expert_columns(self.indptr, self.indices, self.data, self.rows_per_expert, self.n_cols)
+        return self._columns
 
     @property
     def n_experts(self) -> int:
@@ -77,7 +86,8 @@ class _SparseFirstLayer(torch.autograd.Function):
 
         ctx.x = x
         ctx.n_cols = w.shape[1]
-        out = stacked_spmm(x.indptr, x.indices, x.data, w.detach().contiguous().numpy(), x.rows_per_expert)
+        out = stacked_spmm(x.indptr, x.indices, x.data, w.detach().contiguous().numpy(), x.rows_per_expert,
+                           columns=x.columns())
         return torch.from_numpy(out).view(x.n_experts, x.rows_per_expert, -1)
 
     @staticmethod
@@ -173,7 +183,7 @@ def adamw_step(opt, params: list[torch.Tensor], grads: list, act: np.ndarray, lr
         sparse_wgrad_adamw(x.indptr, x.indices, x.data, x.grad_out, x.rows_per_expert, act,
                            params[i].detach().numpy(), m.numpy(), v.numpy(), lr_a, 1 - opt.beta1**t,
                            np.sqrt(1 - opt.beta2**t), beta1=opt.beta1, beta2=opt.beta2,
-                           weight_decay=opt.weight_decay, eps=opt.eps)
+                           weight_decay=opt.weight_decay, eps=opt.eps, columns=x.columns())
         x.grad_out = None
     keep = [i for i in range(len(params)) if grads[i] is not None]
     params, grads = [params[i] for i in keep], [grads[i] for i in keep]
@@ -234,6 +244,8 @@ class BatchBuilder:
             x_expr = SparseRows(indptr, indices, data, self.expr.n_genes, b)
             if self.device.type != "cpu":
                 x_expr = x_expr.to_dense(self.device)
+            else:
+                x_expr.columns()  # built here, in the prefetch thread, for the step's forward and update
         else:
             x_expr = self.expr.batch(flat, self.device).view(e, b, -1)
         m = torch.from_numpy(mask).to(self.device)
