@@ -88,3 +88,28 @@ def test_fit_with_spilled_best_weights_equals_in_memory(small_toy, monkeypatch):
         # expert 0 kept epoch 2 of 5, expert 1 the last epoch
         assert not torch.equal(fits["memory"][k][0], fits["memory, last epoch"][k][0]), k
         torch.testing.assert_close(fits["memory"][k][1], fits["memory, last epoch"][k][1], rtol=0, atol=0)
+
+
+def test_no_validation_keeps_no_copy(small_toy, monkeypatch, tmp_path):
+    """Without validation spots the last epoch is every expert's best: no copy is made, on disk or in memory,
+    with or without checkpoints (which then hold no ``best.*`` tensors), and resuming works."""
+    import spade_sc.model._trainer as trainer
+
+    kw = {
+        "n_prototypes": 4,
+        "n_experts": 2,
+        "proj_dim": 16,
+        "max_epochs": 3,
+        "val_fraction": 0.0,
+        "device": "cpu",
+    }
+    reference = ss.tl.fit_spade(small_toy.copy(), **kw).pairs_.state_dict()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("BestWeights must not be created without validation spots")
+
+    monkeypatch.setattr(trainer, "BestWeights", refuse)
+    for ckpt in (None, tmp_path / "ckpt", tmp_path / "ckpt"):  # the last one resumes the finished fit
+        got = ss.tl.fit_spade(small_toy.copy(), checkpoint_dir=ckpt, **kw).pairs_.state_dict()
+        for k, v in reference.items():
+            torch.testing.assert_close(got[k], v, rtol=0, atol=0)

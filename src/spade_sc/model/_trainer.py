@@ -217,6 +217,8 @@ def train_experts(
     )
     has_val = np.array([len(v) > 0 for v in val_spots])
     best_loss = np.full(n_experts, np.inf)
+    # each expert's best-validation weights; without any validation spots the last epoch is the best one
+    track_best = bool(has_val.any())
     best = None  # created below (after a resume: from the checkpoint's copy)
     bad_epochs = np.zeros(n_experts, dtype=np.int64)
     stopped = np.zeros(n_experts, dtype=bool)
@@ -235,7 +237,9 @@ def train_experts(
         if loaded is not None:
             meta, state = loaded
             pairs.load_state_dict({k[6:]: v.to(device) for k, v in state.items() if k.startswith("model.")})
-            best = BestWeights({k[5:]: v.to(device) for k, v in state.items() if k.startswith("best.")}, spill=False)
+            if track_best:
+                best = BestWeights({k[5:]: v.to(device) for k, v in state.items() if k.startswith("best.")},
+                                   spill=False)
             opt.load_state_dict({k[4:]: v.to(device) if k != "opt.steps" else v for k, v in state.items() if k.startswith("opt.")})
             opt.steps = opt.steps.cpu()
             best_loss = np.array(meta["best_loss"], dtype=np.float64)
@@ -246,7 +250,7 @@ def train_experts(
             logger.info("resumed from checkpoint in %s at epoch %d", ckpt, start_epoch)
             del loaded, state  # the loaded tensors were copied into the model, optimizer and best weights
 
-    if best is None:
+    if best is None and track_best:
         # checkpoints save the copy with the model, so it stays in memory; otherwise large models keep it on disk
         best = BestWeights(pairs.state_dict(), spill=False if ckpt is not None else None)
     bar = progress(range(start_epoch, config.max_epochs), desc="fit_spade", unit="epoch", initial=start_epoch,
@@ -284,7 +288,7 @@ def train_experts(
         # model selection per expert: validation loss where the expert has validation spots, else last epoch
         with np.errstate(invalid="ignore"):
             improved = np.where(has_val, val_loss < best_loss, True) & ~stopped
-        if improved.any():
+        if improved.any() and best is not None:
             best.update(pairs.state_dict(), np.flatnonzero(improved))
             best_loss[improved & has_val] = val_loss[improved & has_val]
         bad_epochs = np.where(improved, 0, bad_epochs + (~stopped))
@@ -297,7 +301,8 @@ def train_experts(
         bar.set_postfix(train=_fmt_mean(train_loss), val=_fmt_mean(val_loss))
         if ckpt is not None:
             tensors = {f"model.{k}": v for k, v in pairs.state_dict().items()}
-            tensors.update({f"best.{k}": v for k, v in best.state_dict().items()})
+            if best is not None:  # without validation the model itself is the best state
+                tensors.update({f"best.{k}": v for k, v in best.state_dict().items()})
             tensors.update({f"opt.{k}": v for k, v in opt.state_dict().items()})
             meta = {
                 "fingerprint": fingerprint,
@@ -309,8 +314,9 @@ def train_experts(
             }
             _atomic_save(tensors, meta, ckpt)
     bar.close()
-    best.load_into(pairs)
-    best.close()
+    if best is not None:
+        best.load_into(pairs)
+        best.close()
     if comm is not None:  # each expert's weights from the rank that trained it
         with torch.no_grad():
             keep = torch.from_numpy(mine).to(device)
